@@ -1,0 +1,280 @@
+"""One config for every stage: a dataclass, preset files, and `--key=value` overrides.
+
+Three doors lead to the same fields:
+  * presets: small TOML files in `cozyrag_lib/presets/` (`tiny`, `demo`, `original`, `hpc`),
+  * the command line: `python -m cozyrag_lib chunk --preset=tiny --chunk_max_tokens=96`,
+  * papermill: `papermill 02_chunk_corpus.ipynb out.ipynb -p preset tiny -p chunk_max_tokens 96`.
+Unknown keys and values of the wrong type are errors, never silently ignored.
+
+Example:
+    >>> cfg = load_config("tiny", top_k=8)
+    >>> cfg.top_k
+    8
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import tomllib
+import types
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import CozyError
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+@dataclass
+class Config:
+    # --- run -------------------------------------------------------------------------------
+    run_name: str = "demo"  # artefacts go to {out_root}/{run_name}/
+    out_root: str = "outputs/runs"  # parent folder of every run
+    seed: int = 1337  # one seed for splits of sources without titles, init and sampling
+    device: str = "auto"  # "auto" (cuda if available, else cpu), "cpu", "cuda"
+    debug: bool = False  # show full tracebacks instead of one-line errors
+
+    # --- models ----------------------------------------------------------------------------
+    generator: str = "embedded:smollm2-135m-instruct"  # embedded:..., tiny:gpt2, a folder, a .gguf, or a hub name
+    retriever: str = "embedded:all-minilm-l6-v2"  # embedded:..., a sentence-transformers folder, or a hub name
+    trust_remote_code: bool = False  # never run model code from a repo unless asked
+    model_cache: str = "data/models"  # converted GGUF and tiny models are cached here
+
+    # --- stage 1: QA -----------------------------------------------------------------------
+    qa_sources: list[str] = field(default_factory=lambda: ["builtin"])  # "builtin" and/or QA files
+    qa_format: str = "auto"  # auto, squad, qabot, tsv, jsonl
+    max_qa: int = 0  # keep at most this many QA pairs per source (0 = all)
+
+    # --- stage 2: chunking -----------------------------------------------------------------
+    corpus_sources: list[str] = field(default_factory=lambda: ["embedded"])  # "embedded", wikiextractor dirs, .jsonl, SQuAD .json
+    max_articles: int = 0  # read at most this many articles per source (0 = all)
+    chunk_max_tokens: int = 128  # passage length limit in retriever tokens
+    chunk_overlap_sentences: int = 1  # sentences repeated at the start of the next passage
+    min_passage_chars: int = 30  # shorter passages are dropped
+
+    # --- stage 3: index --------------------------------------------------------------------
+    index_factory: str = "Flat"  # Flat, HNSW32, IVF{n},Flat, IVF{n},PQ{m}
+    nprobe: int = 16  # IVF cells visited per query
+    ef_search: int = 64  # HNSW search depth
+    embed_batch_size: int = 64  # passages per retriever forward pass
+
+    # --- stage 4: training -----------------------------------------------------------------
+    qa_extra: list[str] = field(default_factory=list)  # extra QA files added to the training split
+    phases: list[str] = field(default_factory=lambda: ["generator", "retriever", "generator"])  # alternating schedule
+    phase_repeats: int = 1  # run the phases list this many times (the original: 30 x [generator, retriever])
+    epochs_per_phase: float = 1.0  # passes over the training QA per phase (fractions allowed)
+    max_steps_per_phase: int = 0  # cap on optimizer steps per phase (0 = no cap)
+    max_train_qa: int = 0  # use at most this many training QA pairs (0 = all)
+    batch_size: int = 4  # per-process batch size
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr_generator: float = 5e-5  # AdamW learning rate of the generator
+    lr_retriever: float = 5e-5  # AdamW learning rate of the retriever
+    warmup_steps: int = 10  # linear warmup, then cosine decay to 10%
+    weight_decay: float = 0.0  # AdamW weight decay
+    top_k: int = 4  # passages retrieved per question
+    max_length: int = 256  # hard limit on prompt + answer tokens
+    train_max_sentences: int = 10  # context sentences kept in training
+    answer_max_sentences: int = 8  # context sentences kept when answering
+    context_tokens: int = 128  # context token budget
+    prompt_template: str = "Q: {question}\nContext:\n{context}\nA: "  # "chat" uses the tokenizer's chat template
+    ngram_repeat_n: int = 3  # n of the n-gram repeat penalty
+    ngram_repeat_weight: float = 0.1  # weight of the n-gram repeat penalty
+    keyword_overlap_weight: float = 4.0  # weight of the keyword overlap penalty
+    short_answer_min_words: int = 4  # answers shorter than this are penalised
+    short_answer_weight: float = 5.0  # weight of the short answer penalty
+    retriever_loss: str = "lm_supervised"  # lm_supervised or contrastive
+    retriever_candidates: int = 8  # passages scored per question by the lm_supervised loss
+    retriever_temperature: float = 0.1  # tau of the retriever score softmax
+    target_temperature: float = 1.0  # temperature of the generator-likelihood target
+    query_only: bool = False  # freeze the passage encoder (no index refresh)
+    eval_every: int = 50  # optimizer steps between evaluations
+    checkpoint_every: int = 100  # optimizer steps between checkpoints
+    max_val_qa: int = 200  # validation questions used for val_loss and val_recall@5
+    val_questions: list[str] = field(default_factory=lambda: [
+        "What is anarchism?", "Who was Albert Einstein?", "What are black holes?",
+        "Define quantum mechanics.", "What is the capital of France?",
+        "Explain the theory of evolution.", "What is machine learning?",
+        "Who wrote 'Pride and Prejudice'?", "What is the speed of light?",
+        "Describe the function of mitochondria.",
+    ])  # answered and logged after each generator phase
+    mlflow: bool = False  # log to MLflow when it is installed
+    mlflow_uri: str = "mlruns"  # MLflow tracking URI
+
+    # --- answering -------------------------------------------------------------------------
+    max_new_tokens: int = 48  # answer length limit
+    do_sample: bool = False  # greedy by default (reproducible)
+    temperature: float = 0.6  # sampling temperature
+    sample_top_k: int = 70  # sampling top-k
+    top_p: float = 0.95  # sampling nucleus
+
+    # ------------------------------------------------------------------------------------------
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out_root) / self.run_name
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        """Write the resolved config as JSON (atomically)."""
+        from .atomic import atomic_write_text
+
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+FIELDS = {f.name: f for f in fields(Config)}
+
+
+def _field_type(name: str) -> Any:
+    t = FIELDS[name].type
+    return eval(t, {"list": list, "str": str, "int": int, "float": float, "bool": bool}) if isinstance(t, str) else t
+
+
+def coerce(name: str, value: Any, source: str = "override") -> Any:
+    """Check (and for strings from the command line, parse) one value for field `name`.
+
+    >>> coerce("top_k", "8")
+    8
+    >>> coerce("phases", "generator,retriever")
+    ['generator', 'retriever']
+    """
+    if name not in FIELDS:
+        close = difflib.get_close_matches(name, FIELDS, n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise CozyError(f"{source}: unknown config key '{name}'{hint}")
+    t = _field_type(name)
+    bad = CozyError(f"{source}: {name}={value!r} is not a valid {getattr(t, '__name__', str(t))}")
+    if isinstance(t, types.GenericAlias):  # list[str]
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise bad
+        return list(value)
+    if t is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise bad
+    if t is int:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                raise bad from None
+        raise bad
+    if t is float:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                raise bad from None
+        raise bad
+    if not isinstance(value, str):
+        raise bad
+    return value
+
+
+def validate(cfg: Config) -> Config:
+    """Reject values that parse but make no sense."""
+    positive = ["top_k", "batch_size", "grad_accum", "max_length", "chunk_max_tokens", "embed_batch_size",
+                "context_tokens", "train_max_sentences", "answer_max_sentences", "ngram_repeat_n",
+                "retriever_candidates", "nprobe", "ef_search", "max_new_tokens", "eval_every",
+                "checkpoint_every", "min_passage_chars", "phase_repeats"]
+    for k in positive:
+        if getattr(cfg, k) <= 0:
+            raise CozyError(f"config: {k} must be positive, got {getattr(cfg, k)}")
+    non_negative = ["lr_generator", "lr_retriever", "warmup_steps", "weight_decay", "max_qa", "max_articles",
+                    "chunk_overlap_sentences", "max_steps_per_phase", "max_train_qa", "epochs_per_phase",
+                    "ngram_repeat_weight", "keyword_overlap_weight", "short_answer_weight", "short_answer_min_words"]
+    for k in non_negative:
+        if getattr(cfg, k) < 0:
+            raise CozyError(f"config: {k} must not be negative, got {getattr(cfg, k)}")
+    for k in ["retriever_temperature", "target_temperature", "temperature"]:
+        if getattr(cfg, k) <= 0:
+            raise CozyError(f"config: {k} must be positive, got {getattr(cfg, k)}")
+    if cfg.retriever_loss not in ("lm_supervised", "contrastive"):
+        raise CozyError(f"config: retriever_loss must be lm_supervised or contrastive, got {cfg.retriever_loss!r}")
+    if cfg.qa_format not in ("auto", "squad", "qabot", "tsv", "jsonl"):
+        raise CozyError(f"config: qa_format must be auto, squad, qabot, tsv or jsonl, got {cfg.qa_format!r}")
+    if cfg.device not in ("auto", "cpu", "cuda"):
+        raise CozyError(f"config: device must be auto, cpu or cuda, got {cfg.device!r}")
+    for p in cfg.phases:
+        if p not in ("generator", "retriever"):
+            raise CozyError(f"config: phases may hold only 'generator' and 'retriever', got {p!r}")
+    if not cfg.run_name or "/" in cfg.run_name or cfg.run_name in (".", ".."):
+        raise CozyError(f"config: run_name must be a plain folder name, got {cfg.run_name!r}")
+    return cfg
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
+
+
+def read_preset(preset: str) -> dict[str, Any]:
+    """Values from a preset name (`tiny`) or a TOML file path."""
+    path = Path(preset) if preset.endswith(".toml") else PRESET_DIR / f"{preset}.toml"
+    if not path.is_file():
+        raise CozyError(f"preset '{preset}' not found (known presets: {', '.join(list_presets())}; or give a .toml path)")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise CozyError(f"{path}: not valid TOML ({e})") from None
+
+
+def load_config(preset: str | None = "demo", overrides: dict[str, Any] | None = None, **kw: Any) -> Config:
+    """Defaults <- preset file <- overrides; every key and type checked."""
+    values: dict[str, Any] = {}
+    if preset:
+        src = f"preset {preset}"
+        for k, v in read_preset(preset).items():
+            values[k] = coerce(k, v, src)
+    for k, v in {**(overrides or {}), **kw}.items():
+        values[k] = coerce(k, v)
+    return validate(Config(**values))
+
+
+def parse_cli_overrides(args: list[str]) -> tuple[str | None, dict[str, str]]:
+    """Split `--preset=tiny --top_k=8` into ("tiny", {"top_k": "8"}); other shapes are errors."""
+    preset, overrides = None, {}
+    for a in args:
+        if not a.startswith("--") or "=" not in a:
+            raise CozyError(f"argument {a!r}: expected --key=value")
+        k, v = a[2:].split("=", 1)
+        k = k.replace("-", "_")
+        if k in ("preset", "config"):
+            preset = v
+        else:
+            coerce(k, v, "command line")
+            overrides[k] = v
+    return preset, overrides
+
+
+_NOTEBOOK_NAMES = {"In", "Out", "exit", "quit", "get_ipython", "preset"}
+
+
+def notebook_config(namespace: dict[str, Any]) -> Config:
+    """Build the config from a notebook's parameters (papermill injects them as globals).
+
+    Every public global that is a plain value must be a config field (or `preset`); values left as
+    None fall back to the preset. A misspelt papermill parameter is therefore an error, not a no-op.
+    """
+    overrides = {}
+    for k, v in namespace.items():
+        if k.startswith("_") or k in _NOTEBOOK_NAMES or callable(v) or isinstance(v, types.ModuleType):
+            continue
+        if k not in FIELDS:
+            raise CozyError(f"notebook parameter '{k}' is not a config key")
+        if v is not None:
+            overrides[k] = v
+    return load_config(namespace.get("preset") or "demo", overrides)

@@ -1,0 +1,93 @@
+"""torch.distributed helpers that also work in a single process with no process group.
+
+Launch under `torchrun` and these see the group; run `python -m ...` and `get_rank()` is 0,
+`get_world_size()` is 1 and `all_gather_object` returns `[obj]`.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main_process() -> bool:
+    """The global rank 0 owns every side effect (files, logs, progress bars)."""
+    return get_rank() == 0
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def setup(device: str = "auto") -> torch.device:
+    """Join the torchrun process group if launched by torchrun; return this process's device.
+
+    NCCL on GPUs, gloo on CPU; the GPU index comes from LOCAL_RANK, never the global RANK.
+    """
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    dev = torch.device("cuda", local_rank()) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(dev)
+    if launched_by_torchrun() and not is_distributed():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo",
+                                timeout=datetime.timedelta(minutes=int(os.environ.get("COZYRAG_DIST_TIMEOUT_MIN", 30))))
+    return dev
+
+
+def cleanup() -> None:
+    if is_distributed():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def all_gather_object(obj):
+    """List of `obj` from every rank, in rank order."""
+    if not is_distributed():
+        return [obj]
+    out = [None] * get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj, src: int = 0):
+    """`obj` from rank `src` on every rank."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def shard(n: int, rank: int | None = None, world: int | None = None) -> range:
+    """Contiguous share of range(n) for this rank; shares differ in size by at most one.
+
+    >>> list(shard(5, rank=1, world=2))
+    [3, 4]
+    """
+    rank = get_rank() if rank is None else rank
+    world = get_world_size() if world is None else world
+    per, extra = divmod(n, world)
+    start = rank * per + min(rank, extra)
+    return range(start, start + per + (1 if rank < extra else 0))

