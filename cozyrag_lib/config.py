@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import os
 import tomllib
 import types
 from dataclasses import dataclass, field, fields
@@ -268,6 +269,8 @@ def notebook_config(namespace: dict[str, Any]) -> Config:
 
     Every public global that is a plain value must be a config field (or `preset`); values left as
     None fall back to the preset. A misspelt papermill parameter is therefore an error, not a no-op.
+    The preset is the notebook's `preset` parameter, else the COZYRAG_PRESET environment variable (how
+    the test command runs the notebooks under nbval on the tiny preset), else "demo".
     """
     overrides = {}
     for k, v in namespace.items():
@@ -277,4 +280,5 @@ def notebook_config(namespace: dict[str, Any]) -> Config:
             raise CozyError(f"notebook parameter '{k}' is not a config key")
         if v is not None:
             overrides[k] = v
-    return load_config(namespace.get("preset") or "demo", overrides)
+    preset = namespace.get("preset") or os.environ.get("COZYRAG_PRESET") or "demo"
+    return load_config(preset, overrides)
