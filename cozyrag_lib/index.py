@@ -1,0 +1,388 @@
+"""Stage 3: embed every passage with the retriever and put the vectors in a FAISS index.
+
+Artefacts under `{run_dir}/index/` (one folder, swapped in atomically):
+  * `index.faiss`     - the FAISS index (inner product on unit vectors = cosine similarity),
+  * `embeddings.npy`  - (N, d) float32, L2-normalised, row i = passage i of `passages.jsonl`,
+  * `manifest.json`   - what the index was built from: retriever, dim, passage count and checksum,
+                        factory and search settings, `version` (0 here; bumped by each refresh in training),
+  * `config.json`     - the resolved config.
+
+The functions are also the training loop's tools for refreshing the index after a retriever phase:
+    emb = embed_corpus(retriever, passage_texts(passages), cfg.embed_batch_size)   # every rank
+    index = make_faiss_index(emb, cfg.index_factory, cfg.nprobe, cfg.ef_search)     # rank 0 saves it
+    save_index(cfg.run_dir / "index", index, emb, {**manifest, "version": manifest["version"] + 1})
+
+Example:
+    >>> pidx = PassageIndex.load(cfg.run_dir / "index", cfg.run_dir / "passages.jsonl", cfg.retriever)
+    >>> scores, ids = pidx.search_text(retriever, ["Who was Albert Einstein?"], k=4)   # (1, 4) each
+    >>> pidx.passages[ids[0, 0]]["title"]
+    'Albert Einstein'
+"""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from . import distributed
+from .atomic import atomic_dir, atomic_path
+from .errors import CozyError
+
+INDEX_FILE = "index.faiss"
+EMBEDDINGS_FILE = "embeddings.npy"
+MANIFEST_FILE = "manifest.json"
+CONFIG_FILE = "config.json"
+
+
+# ----------------------------------------------------------------------------------------------
+# embedding
+
+
+def passage_texts(passages: list[dict]) -> list[str]:
+    """The text the retriever embeds for each passage: its text, led by the article title.
+
+    A chunk from the middle of an article often never names its subject ("It was founded in 1850"),
+    so the title is put in front unless the text already starts with it.
+
+    >>> passage_texts([{"title": "Paris", "text": "It has 2.1 million people."}])
+    ['Paris: It has 2.1 million people.']
+    """
+    out = []
+    for p in passages:
+        title, text = p.get("title") or "", p["text"]
+        out.append(text if not title or text.startswith(title) else f"{title}: {text}")
+    return out
+
+
+def embedding_dim(retriever) -> int:
+    """Width of the retriever's sentence embeddings (384 for all-MiniLM-L6-v2)."""
+    model = getattr(retriever, "module", retriever)  # look through a DDP wrapper
+    get = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
+    return int(get())
+
+
+def _token_lengths(model, texts: list[str]) -> np.ndarray:
+    """Token count of each text (after truncation), used only to group similar lengths into batches."""
+    tok = getattr(model, "tokenizer", None)
+    if tok is None or not callable(tok):
+        return np.array([len(t) for t in texts])
+    enc = tok(list(texts), truncation=True, max_length=model.max_seq_length or None)
+    return np.array([len(ids) for ids in enc["input_ids"]])
+
+
+def embed_texts(retriever, texts: list[str], batch_size: int = 64, show_progress: bool = True) -> np.ndarray:
+    """(N, d) float32 unit vectors for `texts`, in the order given (inner product = cosine).
+
+    The same numbers as `retriever.encode(texts, normalize_embeddings=True)`, with three differences
+    that matter inside a training loop: batches hold texts of similar *token* length (less padding
+    than grouping by characters), the retriever's train/eval mode is restored afterwards, and a DDP
+    wrapper is looked through. Progress shows on rank 0 only.
+    """
+    from sentence_transformers.util import batch_to_device
+
+    model = getattr(retriever, "module", retriever)
+    out = np.empty((len(texts), embedding_dim(model)), dtype=np.float32)  # (N, d)
+    if len(texts) == 0:
+        return out
+    # longest first, so an out-of-memory batch shows up at once rather than at the end
+    order = np.argsort(-_token_lengths(model, texts), kind="stable")
+    preprocess = getattr(model, "preprocess", None) or model.tokenize  # sentence-transformers < 6: tokenize
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            bar = range(0, len(texts), batch_size)
+            for start in tqdm(bar, desc="embed", unit="batch", disable=not (show_progress and distributed.is_main_process())):
+                rows = order[start:start + batch_size]  # (B,) positions in `texts`
+                features = batch_to_device(preprocess([texts[i] for i in rows]), model.device)
+                emb = model(features)["sentence_embedding"]  # (B, d)
+                out[rows] = F.normalize(emb.float(), p=2, dim=1).cpu().numpy()
+    finally:
+        model.train(was_training)
+    return out
+
+
+def embed_corpus(retriever, texts: list[str], batch_size: int = 64, out_path: str | Path | None = None) -> np.ndarray:
+    """Embed `texts` across all ranks: each embeds its contiguous share, every rank gets all (N, d) rows.
+
+    With `out_path`, rank 0 writes the array there (atomically) and returns it memory-mapped; other
+    ranks return their in-memory copy (the file need not be on a disk they share).
+    """
+    share = distributed.shard(len(texts))
+    local = embed_texts(retriever, texts[share.start:share.stop], batch_size)  # (n_rank, d)
+    # shards are contiguous and gathered in rank order, so concatenating restores passage order
+    emb = np.concatenate(distributed.all_gather_object(local))  # (N, d)
+    if out_path is None:
+        return emb
+    if distributed.is_main_process():
+        with atomic_path(out_path) as tmp:
+            np.save(tmp, emb)
+    distributed.barrier()
+    return np.load(out_path, mmap_mode="r") if distributed.is_main_process() else emb
+
+
+# ----------------------------------------------------------------------------------------------
+# FAISS
+
+
+def _faiss_reason(e: Exception) -> str:
+    """The readable tail of a FAISS C++ error: drop 'Error in <signature> at file.cpp:123: '."""
+    line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    line = re.sub(r"^Error in .*? at \S+:\d+: ", "", line)
+    return re.sub(r"^Error: '.*?' failed: ", "", line)
+
+
+def _min_train_points(index) -> int:
+    """Vectors `index.train` needs at least: one per IVF cell, 2**nbits per PQ codebook."""
+    import faiss
+
+    need = 0
+    try:
+        ivf = faiss.extract_index_ivf(index)
+        need = ivf.nlist
+        ivf = faiss.downcast_index(ivf)
+        if hasattr(ivf, "pq"):
+            need = max(need, ivf.pq.ksub)
+    except RuntimeError:  # not an IVF index
+        pass
+    top = faiss.downcast_index(index)
+    if hasattr(top, "pq"):
+        need = max(need, top.pq.ksub)
+    return need
+
+
+def new_faiss_index(factory: str, dim: int, n_train: int | None = None):
+    """An empty inner-product index for `factory`; with `n_train`, check there are enough vectors to train it.
+
+    Cheap, so `build_index` calls it before the slow embedding to fail early on a bad factory.
+    """
+    import faiss
+
+    try:
+        index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as e:
+        raise CozyError(f"config: index_factory={factory!r}: faiss cannot build it ({_faiss_reason(e)}); "
+                        "try Flat, HNSW32, IVF{n},Flat or IVF{n},PQ{m}") from None
+    need = _min_train_points(index) if not index.is_trained else 0
+    if n_train is not None and n_train < need:
+        raise CozyError(f"config: index_factory={factory!r} needs at least {need} passages to train, but there are "
+                        f"only {n_train}; use Flat or HNSW32, or fewer IVF cells")
+    return index
+
+
+def set_search_params(index, nprobe: int = 16, ef_search: int = 64) -> None:
+    """Set the search-time knobs the index has: IVF cells visited (nprobe), HNSW depth (efSearch)."""
+    import faiss
+
+    try:
+        faiss.extract_index_ivf(index).nprobe = nprobe
+    except RuntimeError:  # not an IVF index
+        pass
+    top = faiss.downcast_index(index)
+    if hasattr(top, "hnsw"):
+        top.hnsw.efSearch = ef_search
+
+
+def make_faiss_index(embeddings: np.ndarray, factory: str = "Flat", nprobe: int = 16, ef_search: int = 64):
+    """A trained, filled FAISS inner-product index over `embeddings` (N, d).
+
+    Factories: `Flat` (exact), `HNSW32` (graph), `IVF{n},Flat`, `IVF{n},PQ{m}` (n cells, m-byte codes).
+    """
+    x = np.ascontiguousarray(embeddings, dtype=np.float32)  # (N, d); faiss wants C-contiguous float32
+    if x.ndim != 2 or x.shape[0] == 0:
+        raise CozyError(f"no passage embeddings to index (got an array of shape {x.shape}); "
+                        "run the chunk stage first and check that it wrote passages")
+    index = new_faiss_index(factory, x.shape[1], x.shape[0])
+    if not index.is_trained:
+        try:
+            index.train(x)
+        except RuntimeError as e:
+            raise CozyError(f"config: index_factory={factory!r}: training failed on {x.shape[0]} passages "
+                            f"({_faiss_reason(e)})") from None
+    index.add(x)
+    set_search_params(index, nprobe, ef_search)
+    return index
+
+
+# ----------------------------------------------------------------------------------------------
+# manifest, save, load
+
+
+def file_sha256(path: str | Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def make_manifest(retriever: str, dim: int, passages_path: str | Path, n_passages: int, factory: str = "Flat",
+                  nprobe: int = 16, ef_search: int = 64, version: int = 0) -> dict[str, Any]:
+    """What an index was built from; `PassageIndex.load` refuses an index whose inputs changed since."""
+    from .models import retriever_identity
+
+    return {
+        "version": version,  # 0 from the index stage; each refresh during training adds one
+        "retriever": retriever_identity(retriever),
+        "dim": int(dim),
+        "passages": int(n_passages),
+        "passages_file": Path(passages_path).name,
+        "passages_sha256": file_sha256(passages_path),
+        "index_factory": factory,
+        "nprobe": nprobe,
+        "ef_search": ef_search,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def save_index(index_dir: str | Path, faiss_index, embeddings: np.ndarray, manifest: dict, config=None) -> Path:
+    """Write index.faiss, embeddings.npy, manifest.json (and config.json) as one folder, swapped in atomically."""
+    import faiss
+
+    index_dir = Path(index_dir)
+    with atomic_dir(index_dir) as tmp:
+        faiss.write_index(faiss_index, str(tmp / INDEX_FILE))
+        np.save(tmp / EMBEDDINGS_FILE, np.asarray(embeddings, dtype=np.float32))
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        if config is not None:
+            config.save(tmp / CONFIG_FILE)
+    return index_dir
+
+
+def read_manifest(index_dir: str | Path) -> dict[str, Any]:
+    path = Path(index_dir) / MANIFEST_FILE
+    if not path.is_file():
+        raise CozyError(f"{path}: not found; build the index first (python -m cozyrag_lib index)")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CozyError(f"{path}: not valid JSON ({e}); rebuild the index (python -m cozyrag_lib index)") from None
+    missing = [k for k in ("retriever", "dim", "passages", "passages_sha256") if k not in manifest]
+    if missing:
+        raise CozyError(f"{path}: missing {', '.join(missing)}; rebuild the index (python -m cozyrag_lib index)")
+    return manifest
+
+
+REBUILD = "rebuild it with the index stage (python -m cozyrag_lib index)"
+
+
+@dataclass
+class PassageIndex:
+    """A FAISS index with the passages its rows stand for.
+
+    `index` (faiss.Index), `passages` (list of {id, title, text}, row i = passage i), `manifest`,
+    `embeddings` ((N, d) memory-mapped, when loaded from disk).
+    """
+
+    index: Any
+    passages: list[dict]
+    manifest: dict[str, Any]
+    embeddings: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return self.index.ntotal
+
+    @classmethod
+    def load(cls, index_dir: str | Path, passages_path: str | Path, retriever: str | None = None,
+             expected_dim: int | None = None) -> "PassageIndex":
+        """Load `index_dir`, refusing it when it was built from another retriever, dim or passages file."""
+        import faiss
+
+        from .chunking import read_passages
+        from .models import retriever_identity
+
+        index_dir, passages_path = Path(index_dir), Path(passages_path)
+        manifest_path = index_dir / MANIFEST_FILE
+        m = read_manifest(index_dir)
+        built = f"{manifest_path} was built for"
+        if retriever is not None and retriever_identity(retriever) != m["retriever"]:
+            raise CozyError(f"{built} retriever {m['retriever']} (dim {m['dim']}) but the config asks for "
+                            f"{retriever_identity(retriever)}; {REBUILD}")
+        if expected_dim is not None and int(expected_dim) != m["dim"]:
+            raise CozyError(f"{built} dim {m['dim']} (retriever {m['retriever']}) but the retriever gives dim "
+                            f"{expected_dim}; {REBUILD}")
+        if not passages_path.is_file():
+            raise CozyError(f"{passages_path}: not found; run the chunk stage first (python -m cozyrag_lib chunk)")
+        sha = file_sha256(passages_path)
+        if sha != m["passages_sha256"]:
+            raise CozyError(f"{built} passages sha256 {m['passages_sha256'][:12]}..., but {passages_path} is "
+                            f"{sha[:12]}... (the passages changed); {REBUILD}")
+        passages = read_passages(passages_path)
+        if len(passages) != m["passages"]:
+            raise CozyError(f"{built} {m['passages']} passages, but {passages_path} has {len(passages)}; {REBUILD}")
+        index_path = index_dir / INDEX_FILE
+        try:
+            index = faiss.read_index(str(index_path))
+        except RuntimeError as e:
+            raise CozyError(f"{index_path}: cannot read the FAISS index ({_faiss_reason(e)}); {REBUILD}") from None
+        if index.ntotal != m["passages"] or index.d != m["dim"]:
+            raise CozyError(f"{index_path} holds {index.ntotal} vectors of dim {index.d}, but {manifest_path} says "
+                            f"{m['passages']} of dim {m['dim']}; {REBUILD}")
+        set_search_params(index, m.get("nprobe", 16), m.get("ef_search", 64))
+        emb_path = index_dir / EMBEDDINGS_FILE
+        embeddings = np.load(emb_path, mmap_mode="r") if emb_path.is_file() else None
+        return cls(index=index, passages=passages, manifest=m, embeddings=embeddings)
+
+    def search(self, query_embeddings: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k passages per query: (scores (n, k) float32 cosine, ids (n, k) int64 rows of `passages`).
+
+        Approximate indexes (HNSW, IVF with a small nprobe) may find fewer than k passages when k nears
+        the index size; FAISS pads those rows with id -1, which must be skipped, not used as an index.
+        """
+        q = np.ascontiguousarray(query_embeddings, dtype=np.float32)
+        q = q[None] if q.ndim == 1 else q  # (n, d)
+        if q.shape[1] != self.index.d:
+            raise CozyError(f"query embeddings have dim {q.shape[1]} but the index has dim {self.index.d} "
+                            f"(built for retriever {self.manifest.get('retriever')})")
+        return self.index.search(q, min(k, self.index.ntotal))
+
+    def search_text(self, retriever, questions: list[str], k: int, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+        """`search` for raw questions, embedded with `retriever`."""
+        return self.search(embed_texts(retriever, list(questions), batch_size, show_progress=False), k)
+
+
+# ----------------------------------------------------------------------------------------------
+# the stage
+
+
+def build_index(cfg) -> dict[str, Any]:
+    """The `index` stage: embed `{run_dir}/passages.jsonl` (across ranks under torchrun), rank 0 writes `index/`."""
+    from .chunking import read_passages
+    from .models import load_retriever
+
+    passages_path = cfg.run_dir / "passages.jsonl"
+    if not passages_path.is_file() or passages_path.stat().st_size == 0:
+        what = "not found" if not passages_path.is_file() else "empty"
+        raise CozyError(f"{passages_path}: {what}; run the chunk stage first (python -m cozyrag_lib chunk)")
+    owns_group = distributed.launched_by_torchrun() and not distributed.is_distributed()
+    device = distributed.setup(cfg.device)
+    try:
+        t0 = time.time()
+        passages = read_passages(passages_path)
+        if not passages:
+            raise CozyError(f"{passages_path}: no passages; run the chunk stage first (python -m cozyrag_lib chunk)")
+        retriever = load_retriever(cfg.retriever, device=str(device), trust_remote_code=cfg.trust_remote_code)
+        dim = embedding_dim(retriever)
+        new_faiss_index(cfg.index_factory, dim, len(passages))  # a bad factory fails now, not after embedding
+        embeddings = embed_corpus(retriever, passage_texts(passages), cfg.embed_batch_size)  # (N, d) on every rank
+        t_embed = time.time() - t0
+        summary = None
+        if distributed.is_main_process():
+            index = make_faiss_index(embeddings, cfg.index_factory, cfg.nprobe, cfg.ef_search)
+            manifest = make_manifest(cfg.retriever, dim, passages_path, len(passages), cfg.index_factory,
+                                     cfg.nprobe, cfg.ef_search, version=0)
+            index_dir = save_index(cfg.run_dir / "index", index, embeddings, manifest, config=cfg)
+            summary = {"index_dir": str(index_dir), **manifest, "world_size": distributed.get_world_size(),
+                       "embed_seconds": round(t_embed, 2), "seconds": round(time.time() - t0, 2)}
+        distributed.barrier()  # other ranks may read index/ only once rank 0 has swapped it in
+        return distributed.broadcast_object(summary)
+    finally:
+        if owns_group:
+            distributed.cleanup()
