@@ -33,7 +33,7 @@ class Config:
     # --- run -------------------------------------------------------------------------------
     run_name: str = "demo"  # artefacts go to {out_root}/{run_name}/
     out_root: str = "outputs/runs"  # parent folder of every run
-    seed: int = 1337  # one seed for splits of sources without titles, init and sampling
+    seed: int = 1337  # seeds model init, data order and sampling (splits use a fixed hash rule, no seed)
     device: str = "auto"  # "auto" (cuda if available, else cpu), "cpu", "cuda"
     debug: bool = False  # show full tracebacks instead of one-line errors
 
