@@ -478,7 +478,6 @@ def chunk_corpus(cfg) -> dict:
             dist.cleanup()
 
 
-
 def _chunk_corpus(cfg, sources: list[Source], dist) -> dict:
     from tqdm.auto import tqdm
 
@@ -553,7 +552,7 @@ def _merge(cfg, sources: list[Source], parts: list[Path], gathered: list[dict]) 
     gives unique ids.
     """
     out = cfg.run_dir / "passages.jsonl"
-    seen = Counter()  # title hash -> passages so far
+    seen = Counter()  # title hash -> passages so far (one small entry per distinct title)
     per_source = [0] * len(sources)
     lengths = Counter()  # n_tokens -> passages: a histogram, so stats need no list of 10^7 numbers
     files = [open(p, encoding="utf-8") for p in parts]
