@@ -129,11 +129,10 @@ def _read_embedded(source: Source) -> Iterator[tuple[str, str]]:
     built-in QA set picks its articles by the same rule.
     """
     data = _embedded_corpus()
-    for title in sorted(data):
-        entry = data[title]
-        text = entry.get("extract") if isinstance(entry, dict) else None
-        if isinstance(text, str):
-            yield _valid(title), _valid(text)
+    for key in sorted(data):
+        entry = data[key] if isinstance(data[key], dict) else {}
+        title, text = entry.get("title") or key, entry.get("extract")
+        yield _valid(str(title)), _valid(text if isinstance(text, str) else "")
 
 
 @functools.lru_cache(maxsize=1)
