@@ -2,7 +2,7 @@
 # Run the CoZyRAG notebooks in order, or the tests. Sets up its own environment first.
 #
 #   ./run_all.sh                                  every numbered notebook on the demo preset
-#   ./run_all.sh --preset tiny                    the seconds-long preset (a random tiny generator)
+#   ./run_all.sh --preset tiny                    the small quick preset (200 articles, a random tiny generator)
 #   ./run_all.sh -p max_articles 2000 -p top_k 8  papermill parameters = config keys
 #   ./run_all.sh -r run_name 2024                 -r passes a value as a string, never as a number
 #   ./run_all.sh --only 01,02                     just these notebooks
@@ -174,11 +174,12 @@ run_notebooks() {
 
 # --- tests ------------------------------------------------------------------------------------
 run_tests() {
-    local tmp
+    # every step runs even when an earlier one fails, so one CI run reports everything
+    local tmp failed=()
     echo "== notebooks are committed without outputs"
-    python tools/strip_notebooks.py --check notebooks
+    python tools/strip_notebooks.py --check notebooks || failed+=("strip check")
     echo "== unit and slow tests"
-    python -m pytest tests -q
+    python -m pytest tests -q || failed+=("pytest tests")
     echo "== every notebook under nbval on the tiny preset"
     # nbval cannot pass parameters, so the preset comes from COZYRAG_PRESET (read by notebook_config
     # when the notebook's own `preset` is None). Copies in a temporary folder keep the run's outputs
@@ -187,7 +188,12 @@ run_tests() {
     trap 'rm -rf "$tmp"' EXIT
     cp notebooks/[0-9][0-9]_*.ipynb "$tmp/"
     (cd "$tmp" && COZYRAG_PRESET=tiny HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
-        python -m pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env ./*.ipynb)
+        python -m pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env ./*.ipynb) || failed+=("nbval")
+    if ((${#failed[@]})); then
+        echo "error: failed: ${failed[*]}" >&2
+        exit 1
+    fi
+    echo "== all tests passed"
 }
 
 case "$MODE" in
