@@ -1,0 +1,85 @@
+"""Answering: batched generation from prompts, and cleaning what the generator says.
+
+    >>> answers = generate_answers(model, tokenizer, prompts, max_new_tokens=48)   # greedy, stops at EOS or newline
+    >>> postprocess_answer("A: Paris<|im_end|>\\nQ: next question")
+    'Paris'
+"""
+from __future__ import annotations
+
+import re
+from typing import Sequence
+
+import torch
+
+# Markup a generator may emit that never belongs in an answer: special tokens like <|im_end|> or
+# <|endoftext|>, and bracketed internal markers like <SEP> or <pad>.
+_SPECIAL = re.compile(r"<\|[^|>]*\|>|</?s>|<(?:SEP|sep|pad|PAD|unk|UNK|CLS|cls|MASK|mask|eos|bos)>")
+# Where an answer ends when the model runs on into a new prompt: a newline or a template label.
+_RUN_ON = re.compile(r"\n|\b(?:Q|Question|Context|A|Answer):", re.IGNORECASE)
+_LEAD = re.compile(r"^\s*(?:A|Answer)\s*:\s*", re.IGNORECASE)
+
+
+def postprocess_answer(text: str, prompt: str | None = None) -> str:
+    """The answer alone: no special tokens, no echoed prompt or "A:" label, nothing after a newline.
+
+    >>> postprocess_answer("Q: Who? Context: x A: Ann")   # echoed prompt: keep what follows the last A:
+    'Ann'
+    >>> postprocess_answer("  A: German physicist</s> extra\\nQ:")
+    'German physicist extra'
+    """
+    text = _SPECIAL.sub("", text)
+    if prompt and text.startswith(prompt):  # a model that echoes its whole prompt
+        text = text[len(prompt):]
+    if re.match(r"\s*(?:Q|Question)\s*:", text, re.IGNORECASE):  # an echoed plain prompt: answer follows its A:
+        parts = re.split(r"\b(?:A|Answer)\s*:", text, flags=re.IGNORECASE)
+        text = parts[-1] if len(parts) > 1 else ""
+    text = _LEAD.sub("", text)
+    text = _RUN_ON.split(text, maxsplit=1)[0]
+    return " ".join(text.split())
+
+
+class _StopAtNewline:
+    """Stopping criterion: a row is done once its generated text contains a newline."""
+
+    def __init__(self, tokenizer, prompt_len: int):
+        self.tokenizer, self.prompt_len = tokenizer, prompt_len
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        last = self.tokenizer.batch_decode(input_ids[:, -1:])  # only the newest token of each row
+        return torch.tensor(["\n" in t for t in last], device=input_ids.device)
+
+
+@torch.no_grad()
+def generate_answers(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 48, batch_size: int = 8,
+                     do_sample: bool = False, temperature: float = 0.6, top_k: int = 70, top_p: float = 0.95,
+                     add_special_tokens: bool = True) -> list[str]:
+    """Answers for `prompts`, generated `batch_size` at a time (greedy unless do_sample), cleaned.
+
+    Prompts are left-padded so every row's new tokens start at the same column. A row stops at EOS
+    or at a newline; `postprocess_answer` removes what a small model appends anyway.
+    Pass add_special_tokens=False for prompts built with a chat template (they hold their own).
+    """
+    from transformers import StoppingCriteriaList
+
+    model = getattr(model, "module", model)  # look through DDP
+    device = next(model.parameters()).device
+    was_training, side = model.training, tokenizer.padding_side
+    model.eval()
+    tokenizer.padding_side = "left"
+    out: list[str] = []
+    try:
+        for start in range(0, len(prompts), batch_size):
+            chunk = list(prompts[start:start + batch_size])
+            enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens).to(device)
+            width = enc["input_ids"].shape[1]
+            sampling = dict(do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p) if do_sample else \
+                dict(do_sample=False, temperature=None, top_k=None, top_p=None)
+            gen = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                 eos_token_id=tokenizer.eos_token_id,
+                                 stopping_criteria=StoppingCriteriaList([_StopAtNewline(tokenizer, width)]), **sampling)
+            texts = tokenizer.batch_decode(gen[:, width:], skip_special_tokens=True)  # (B,) new tokens only
+            out += [postprocess_answer(t) for t in texts]
+    finally:
+        model.train(was_training)
+        tokenizer.padding_side = side
+    return out

@@ -1,0 +1,299 @@
+"""Question -> passages -> context -> prompt -> batch: the data path shared by training and answering.
+
+    questions --retriever--> (n, d) --FAISS--> top-k passages per question
+              --split into sentences, rank by similarity to the question--> best N sentences
+              --cut to a generator-token budget--> context
+    prompt = template.format(question, context); training adds answer + EOS (labels only there)
+
+Example:
+    >>> cache = SentenceCache(retriever)
+    >>> q_emb, scores, ids = retrieve(retriever, pindex, ["Who was Albert Einstein?"], k=4)   # (1, d), (1, 4), (1, 4)
+    >>> [context] = build_contexts(q_emb, ids, pindex.passages, cache, tokenizer, max_sentences=8, context_tokens=128)
+    >>> prompt = format_prompt(tokenizer, "Who was Albert Einstein?", context)
+"""
+from __future__ import annotations
+
+import re
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .text import split_sentences
+
+DEFAULT_TEMPLATE = "Q: {question}\nContext:\n{context}\nA: "
+CHAT = "chat"  # prompt_template value that uses the tokenizer's chat template
+
+
+# ----------------------------------------------------------------------------------------------
+# retrieval
+
+
+def retrieve(retriever, pindex, questions: Sequence[str], k: int, batch_size: int = 64, show_progress: bool = False):
+    """Top-k passages per question: (q_emb (n, d), scores (n, k), ids (n, k); id -1 = nothing found).
+
+    Questions are encoded a batch at a time and each batch is ONE FAISS search.
+    """
+    from tqdm.auto import tqdm
+
+    from . import distributed
+    from .index import embed_texts
+
+    n = len(questions)
+    dim, k = pindex.index.d, min(k, len(pindex))
+    q_emb = np.zeros((n, dim), np.float32)
+    scores, ids = np.zeros((n, k), np.float32), np.full((n, k), -1, np.int64)
+    starts = range(0, n, batch_size)
+    for s in tqdm(starts, desc="retrieve", unit="batch", leave=False,
+                  disable=not (show_progress and distributed.is_main_process() and len(starts) > 1)):
+        q = embed_texts(retriever, list(questions[s:s + batch_size]), batch_size, show_progress=False)  # (b, d)
+        q_emb[s:s + len(q)] = q
+        scores[s:s + len(q)], ids[s:s + len(q)] = pindex.search(q, k)  # one search per batch
+    return q_emb, scores, ids
+
+
+class SentenceCache:
+    """Sentences of each passage and their retriever embeddings, encoded once per retriever state.
+
+    `version` names the retriever state the embeddings belong to; `reset(version)` empties the
+    cache when the retriever changed (training bumps the version after each retriever phase).
+    """
+
+    def __init__(self, retriever, batch_size: int = 64, version: int = 0):
+        self.retriever, self.batch_size, self.version = retriever, batch_size, version
+        self.sentences: dict[str, list[str]] = {}  # passage id -> sentences
+        self.embeddings: dict[str, np.ndarray] = {}  # passage id -> (s, d) unit vectors
+        self.encoded = 0  # sentences encoded so far (cache misses), for tests and logs
+
+    def reset(self, version: int, retriever=None) -> None:
+        self.version, self.sentences, self.embeddings = version, {}, {}
+        if retriever is not None:
+            self.retriever = retriever
+
+    def add(self, passages: Sequence[dict]) -> None:
+        """Split and encode the passages not seen yet, all missing sentences in one batched pass."""
+        from .index import embed_texts
+
+        todo = [p for p in {p["id"]: p for p in passages}.values() if p["id"] not in self.embeddings]
+        if not todo:
+            return
+        split = [split_sentences(p["text"]) or [p["text"]] for p in todo]
+        flat = [s for sents in split for s in sents]
+        emb = embed_texts(self.retriever, flat, self.batch_size, show_progress=False)  # (S, d)
+        self.encoded += len(flat)
+        start = 0
+        for p, sents in zip(todo, split):
+            self.sentences[p["id"]], self.embeddings[p["id"]] = sents, emb[start:start + len(sents)]
+            start += len(sents)
+
+
+def truncate_tokens(tokenizer, text: str, max_tokens: int) -> str:
+    """`text` cut to at most `max_tokens` tokens of `tokenizer` (decode, then re-check: BPE may re-merge).
+
+    >>> truncate_tokens(tok, "one two three four", 2)   # doctest: +SKIP
+    'one two'
+    """
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    n = max_tokens
+    while len(ids) > max_tokens and n > 0:
+        text = tokenizer.decode(ids[:n]).rstrip("\ufffd").strip()  # a cut inside a UTF-8 char leaves U+FFFD
+        if len(tokenizer(text, add_special_tokens=False)["input_ids"]) <= max_tokens:
+            return text
+        n -= 1
+    return "" if len(ids) > max_tokens else text
+
+
+def rank_sentences(q_emb: np.ndarray, passage_ids: Sequence[str], cache: SentenceCache, max_sentences: int) -> list[str]:
+    """The `max_sentences` sentences of the passages most similar to the question, best first.
+
+    A sentence repeated in two passages (chunk overlap) counts once. Ties keep retrieval order.
+    """
+    texts, embs = [], []
+    for pid in passage_ids:
+        texts += cache.sentences[pid]
+        embs.append(cache.embeddings[pid])
+    if not texts:
+        return []
+    sims = np.concatenate(embs) @ q_emb  # (S,) cosine: both sides are unit vectors
+    out, seen = [], set()
+    for i in np.argsort(-sims, kind="stable"):
+        if texts[i] not in seen:
+            seen.add(texts[i])
+            out.append(texts[i])
+            if len(out) == max_sentences:
+                break
+    return out
+
+
+def build_contexts(q_emb: np.ndarray, ids: np.ndarray, passages: Sequence[dict], cache: SentenceCache, tokenizer,
+                   max_sentences: int, context_tokens: int) -> list[str]:
+    """One context per question from its retrieved passages: best sentences first, cut to `context_tokens`.
+
+    Args:
+        q_emb: (n, d) unit question embeddings (from `retrieve`).
+        ids: (n, k) retrieved passage rows; -1 entries are skipped.
+        passages: row -> {id, title, text}.
+        cache: sentence embeddings per passage id (filled here for the passages not seen yet).
+        tokenizer: the generator's tokenizer; the budget is in its tokens.
+    """
+    rows = [[passages[j] for j in row if j >= 0] for row in ids]
+    cache.add([p for row in rows for p in row])
+    return [truncate_tokens(tokenizer, " ".join(rank_sentences(q, [p["id"] for p in row], cache, max_sentences)),
+                            context_tokens)
+            for q, row in zip(q_emb, rows)]
+
+
+# ----------------------------------------------------------------------------------------------
+# prompts
+
+
+def format_prompt(tokenizer, question: str, context: str, template: str = DEFAULT_TEMPLATE) -> str:
+    """The generator's prompt; `template="chat"` wraps context and question in the tokenizer's chat template.
+
+    >>> format_prompt(tok, "Who?", "Ann wrote it.")   # doctest: +SKIP
+    'Q: Who?\\nContext:\\nAnn wrote it.\\nA: '
+    """
+    if template == CHAT:
+        if not getattr(tokenizer, "chat_template", None):
+            from .errors import CozyError
+
+            raise CozyError("config: prompt_template='chat' but the generator's tokenizer has no chat template")
+        message = f"Answer the question using the context.\nContext:\n{context}\n\nQuestion: {question}"
+        return tokenizer.apply_chat_template([{"role": "user", "content": message}], tokenize=False,
+                                             add_generation_prompt=True)
+    return template.format(question=question, context=context)
+
+
+def encode_prompt(tokenizer, prompt: str, template: str = DEFAULT_TEMPLATE) -> list[int]:
+    """Token ids of a prompt; a chat template already holds its special tokens, a plain one gets the usual ones."""
+    return tokenizer(prompt, add_special_tokens=template != CHAT)["input_ids"]
+
+
+def words_before(tokenizer, answer_ids: Sequence[int]) -> list[int]:
+    """For each answer position t (and the EOS after the last token), complete words of the answer before t.
+
+    A word is complete once the text decoded from the tokens before t reaches its end.
+    >>> words_before(tok, tok("New York City")["input_ids"])   # doctest: +SKIP
+    [0, 1, 2, 3]
+    """
+    full = tokenizer.decode(list(answer_ids))
+    ends = [m.end() for m in re.finditer(r"\S+", full)]
+    out = []
+    for t in range(len(answer_ids)):
+        done = len(tokenizer.decode(list(answer_ids[:t])))  # characters decoded before position t
+        out.append(sum(e <= done for e in ends))
+    return out + [len(ends)]
+
+
+def encode_example(tokenizer, question: str, context: str, answer: str, template: str = DEFAULT_TEMPLATE,
+                   max_length: int = 256) -> dict:
+    """Token lists for one training example: prompt, answer + EOS, question, words_before.
+
+    Over `max_length`, the context is cut (never the question or the answer's start); an answer
+    longer than half of max_length is cut too (it keeps its EOS).
+    """
+    eos = tokenizer.eos_token_id
+    answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"][: max_length // 2 - 1]
+    prompt_ids = encode_prompt(tokenizer, format_prompt(tokenizer, question, context, template), template)
+    n_context = len(tokenizer(context, add_special_tokens=False)["input_ids"])
+    for _ in range(4):  # re-tokenising a cut context may differ by a token; a few tries settle it
+        over = len(prompt_ids) + len(answer_ids) + 1 - max_length
+        if over <= 0:
+            break
+        n_context = max(0, n_context - over)
+        context = truncate_tokens(tokenizer, context, n_context)
+        prompt_ids = encode_prompt(tokenizer, format_prompt(tokenizer, question, context, template), template)
+    else:
+        prompt_ids = prompt_ids[: max(1, max_length - len(answer_ids) - 1)]  # question longer than the budget
+    return {
+        "prompt_ids": prompt_ids,
+        "answer_ids": answer_ids + [eos],
+        "question_ids": tokenizer(question, add_special_tokens=False)["input_ids"],
+        "words_before": words_before(tokenizer, answer_ids),
+    }
+
+
+def example_length(example: dict) -> int:
+    return len(example["prompt_ids"]) + len(example["answer_ids"])
+
+
+def _pad(rows: list[list[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad lists to (B, max len): (values, bool mask of real entries)."""
+    width = max(1, max(len(r) for r in rows))
+    ids = torch.full((len(rows), width), value, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, :len(r)] = True
+    return ids, mask
+
+
+def collate(examples: list[dict], pad_id: int, eos_id: int) -> dict:
+    """Pad encoded examples to the longest in the batch (dynamic padding), in the answer layout the losses use.
+
+    Returns tensors:
+        input_ids, attention_mask  (B, T)  prompt + answer + EOS, right-padded
+        positions                  (B, L)  t whose hidden state predicts answer token l (prompt_len - 1 + l)
+        answer_ids, answer_mask    (B, L)  answer + EOS, with its mask
+        prefix_ids, prefix_mask    (B, P)  the prompt
+        question_ids, question_mask(B, Q)
+        words_before               (B, L)
+    and `eos_id`, `n_tokens` (real input tokens).
+    """
+    seqs = [e["prompt_ids"] + e["answer_ids"] for e in examples]
+    input_ids, attention_mask = _pad(seqs, pad_id)
+    answer_ids, answer_mask = _pad([e["answer_ids"] for e in examples], eos_id)
+    positions, _ = _pad([list(range(len(e["prompt_ids"]) - 1, len(e["prompt_ids"]) - 1 + len(e["answer_ids"])))
+                         for e in examples], 0)
+    prefix_ids, prefix_mask = _pad([e["prompt_ids"] for e in examples], pad_id)
+    question_ids, question_mask = _pad([e["question_ids"] for e in examples], pad_id)
+    words, _ = _pad([e["words_before"] for e in examples], 0)
+    return {"input_ids": input_ids, "attention_mask": attention_mask.long(), "positions": positions,
+            "answer_ids": answer_ids, "answer_mask": answer_mask, "prefix_ids": prefix_ids, "prefix_mask": prefix_mask,
+            "question_ids": question_ids, "question_mask": question_mask, "words_before": words,
+            "eos_id": eos_id, "n_tokens": int(attention_mask.sum())}
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# gold passages
+
+
+def _words(text: str) -> set[str]:
+    return set(re.findall(r"\w+", text.lower()))
+
+
+def gold_passages(items: Sequence[dict], passages: Sequence[dict]) -> list[int]:
+    """The passage row each QA item is known to come from, or -1.
+
+    An item with a `title` maps to a passage of that article; with a `context` too (SQuAD paragraphs,
+    the built-in article extracts) it is the article's passage sharing most words with the context,
+    a passage holding a gold answer winning ties. A title-only item takes the article's first passage.
+    Items without a title have no known gold passage.
+
+    >>> gold_passages([{"title": "Paris", "answers": ["x"]}], [{"title": "Rome", "text": "."}, {"title": "Paris", "text": "."}])
+    [1]
+    """
+    from .metrics import answer_in_text
+
+    by_title: dict[str, list[int]] = {}
+    for row, p in enumerate(passages):
+        by_title.setdefault(p["title"], []).append(row)
+    out = []
+    for item in items:
+        rows = by_title.get(item.get("title") or "", [])
+        if not rows:
+            out.append(-1)
+            continue
+        context = _words(item.get("context") or "")
+
+        def score(row: int) -> tuple[float, bool]:
+            words = _words(passages[row]["text"])
+            overlap = len(words & context) / max(1, len(words)) if context else 0.0
+            return overlap, answer_in_text(item["answers"], passages[row]["text"])
+
+        out.append(max(rows, key=lambda r: (score(r), -r)))  # best overlap, then answer, then first row
+    return out
