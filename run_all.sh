@@ -185,7 +185,7 @@ run_tests() {
     # when the notebook's own `preset` is None). Copies in a temporary folder keep the run's outputs
     # (written relative to the kernel's folder) out of the repository.
     tmp="$(mktemp -d)"
-    trap 'rm -rf "$tmp"' EXIT
+    trap "rm -rf '$tmp'" EXIT  # expanded now: $tmp is local and gone by exit time
     cp notebooks/[0-9][0-9]_*.ipynb "$tmp/"
     (cd "$tmp" && COZYRAG_PRESET=tiny HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
         python -m pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env ./*.ipynb) || failed+=("nbval")
