@@ -28,7 +28,7 @@ STAGES = {
 # command -> module with its own `cli(argv)` (argument shapes other than --key=value)
 TOOLS = {
     "train": "cozyrag_lib.train",
-    "ask": "cozyrag_lib.answer",
+    "ask": "cozyrag_lib.rag",
     "evaluate": "cozyrag_lib.evaluate",
     "bench": "cozyrag_lib.bench",
 }

@@ -65,6 +65,7 @@ def _quiet_transformers() -> None:
     import transformers
 
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()  # "Loading weights" bars on every load are noise
 
 
 def resolve_generator_path(spec: str, cache_dir: str | Path = "data/models") -> str:

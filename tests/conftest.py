@@ -66,3 +66,15 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None):
 
     return subprocess.run([sys.executable, "-m", "cozyrag_lib", *args], cwd=cwd or ROOT, capture_output=True,
                           text=True, env={**os.environ, **(env or {})}, timeout=600)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, model_cache):
+    """Config of a tiny run with stages 1-3 done (QA splits, passages, index); shared, treat as read-only."""
+    from cozyrag_lib import build_index, chunk_corpus, load_config, prepare_qa
+
+    cfg = load_config("tiny", out_root=str(tmp_path_factory.mktemp("runs")), model_cache=str(model_cache))
+    prepare_qa(cfg)
+    chunk_corpus(cfg)
+    build_index(cfg)
+    return cfg

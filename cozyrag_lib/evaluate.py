@@ -1,0 +1,148 @@
+"""Evaluate a run on a QA file: SQuAD-style EM/F1, answer and title recall@k, latency.
+
+    python -m cozyrag_lib evaluate --run outputs/runs/demo --qa outputs/runs/demo/qa/test.jsonl
+    python -m cozyrag_lib evaluate --run base:outputs/runs/demo --qa ... --mode closed     # zero-shot, no context
+
+It prints one JSON object and writes it (with --out, else to RUN/eval/<name>.json) beside a
+per-question predictions JSONL (`<name>.predictions.jsonl`).
+
+Metrics (means over the evaluated questions):
+  em, f1                   SQuAD v1.1 normalisation, max over gold answers
+  answer_recall@{1,5,K}    a gold answer occurs in one of the first k retrieved passages (rag mode)
+  title_recall@{1,5}       one of the first k passages comes from the item's article (items with titles;
+                           underscores in titles such as SQuAD's `Super_Bowl_50` count as spaces)
+  latency_p50_s/_p95_s     per-question time, answering `batch_size` questions at a time (batch time / size)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Sequence
+
+from tqdm.auto import tqdm
+
+from .atomic import atomic_open, atomic_write_text
+from .errors import CozyError
+from .metrics import answer_recall_at_k, exact_match, f1_score, percentile, title_recall_at_k
+
+
+def _title(t: str) -> str:
+    return " ".join(t.replace("_", " ").split()).casefold()
+
+
+def evaluate(rag, items: Sequence[dict], mode: str = "rag", top_k: int | None = None,
+             batch_size: int = 8, show_progress: bool = True) -> tuple[dict, list[dict]]:
+    """(summary, predictions) of `rag` on QA items {question, answers, title?, context?}."""
+    k = top_k or rag.cfg.top_k
+    if mode == "oracle":
+        skipped = sum(1 for it in items if not it.get("context"))
+        items = [it for it in items if it.get("context")]
+        if not items:
+            raise CozyError("oracle mode needs QA items with a gold context; this QA file has none")
+    else:
+        skipped = 0
+    if not items:
+        raise CozyError("no QA items to evaluate")
+    preds: list[dict] = []
+    starts = range(0, len(items), batch_size)
+    for s in tqdm(starts, desc=f"evaluate {rag.name} {mode}", unit="batch", disable=not show_progress):
+        chunk = items[s:s + batch_size]
+        outs = rag.answer_batch([it["question"] for it in chunk], k, mode,
+                                [it["context"] for it in chunk] if mode == "oracle" else None)
+        for it, out in zip(chunk, outs):
+            texts = [p["text"] for p in out["passages"]]
+            titles = [_title(p["title"]) for p in out["passages"]]
+            row = {"id": it.get("id"), "question": it["question"], "answers": it["answers"],
+                   "prediction": out["answer"], "em": exact_match(out["answer"], it["answers"]),
+                   "f1": f1_score(out["answer"], it["answers"]), "latency_s": out["timings"]["total_s"],
+                   "passages": [{"id": p["id"], "title": p["title"], "score": p["score"]} for p in out["passages"]]}
+            if mode == "rag":
+                for kk in sorted({1, 5, k}):
+                    row[f"answer_recall@{kk}"] = answer_recall_at_k(it["answers"], texts, kk)
+                if it.get("title"):
+                    for kk in (1, 5):
+                        row[f"title_recall@{kk}"] = title_recall_at_k(_title(it["title"]), titles, kk)
+            preds.append(row)
+
+    def mean(key: str) -> float | None:
+        vals = [p[key] for p in preds if key in p]
+        return round(sum(vals) / len(vals), 4) if vals else None
+
+    summary = {"run": rag.name, "n": len(preds), "mode": mode, "top_k": k, "em": mean("em"), "f1": mean("f1")}
+    if mode == "rag":
+        for kk in sorted({1, 5, k}):
+            summary[f"answer_recall@{kk}"] = mean(f"answer_recall@{kk}")
+        if any("title_recall@1" in p for p in preds):
+            summary["title_recall@1"], summary["title_recall@5"] = mean("title_recall@1"), mean("title_recall@5")
+    lat = [p["latency_s"] for p in preds]
+    summary["latency_p50_s"] = round(percentile(lat, 50), 4)
+    summary["latency_p95_s"] = round(percentile(lat, 95), 4)
+    if skipped:
+        summary["skipped_without_context"] = skipped
+    return summary, preds
+
+
+def recall_at_ks(rag, items: Sequence[dict], ks: Sequence[int], batch_size: int = 64) -> dict[str, list[float]]:
+    """Answer recall@k (and title recall@k for items with titles) for every k in `ks`, from one search."""
+    from .retrieval import retrieve
+
+    kmax = max(ks)
+    _, _, ids = retrieve(rag.retriever, rag.pindex, [it["question"] for it in items], kmax, batch_size)
+    ans = {k: 0.0 for k in ks}
+    tit = {k: 0.0 for k in ks}
+    n_titled = sum(1 for it in items if it.get("title"))
+    for it, row in zip(items, ids):
+        ps = [rag.pindex.passages[j] for j in row if j >= 0]
+        texts, titles = [p["text"] for p in ps], [_title(p["title"]) for p in ps]
+        for k in ks:
+            ans[k] += answer_recall_at_k(it["answers"], texts, k)
+            if it.get("title"):
+                tit[k] += title_recall_at_k(_title(it["title"]), titles, k)
+    out = {"k": list(ks), "answer_recall": [ans[k] / len(items) for k in ks]}
+    if n_titled:
+        out["title_recall"] = [tit[k] / n_titled for k in ks]
+    return out
+
+
+def write_results(summary: dict, preds: list[dict], out: str | Path) -> Path:
+    """Write the summary JSON and its predictions JSONL beside it (atomically); returns the predictions path."""
+    out = Path(out)
+    pred_path = out.with_name(out.stem + ".predictions.jsonl")
+    with atomic_open(pred_path) as f:
+        for p in preds:
+            f.write(json.dumps(p, ensure_ascii=False) + "\n")
+    atomic_write_text(out, json.dumps(summary, indent=2) + "\n")
+    return pred_path
+
+
+def cli(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m cozyrag_lib evaluate", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", required=True, help="run folder or name; base:RUN for the untrained base models")
+    p.add_argument("--qa", required=True, help="QA file in any format prepare-qa reads (e.g. RUN/qa/test.jsonl)")
+    p.add_argument("--format", default="auto", help="QA file format (auto, squad, qabot, tsv, jsonl)")
+    p.add_argument("--corpus", default=None, help="passages JSONL to search instead of the run's index")
+    p.add_argument("--mode", choices=["rag", "closed", "oracle"], default="rag")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--limit", type=int, default=0, help="evaluate only the first N questions (0 = all)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    p.add_argument("--out", default=None, help="summary JSON path (default RUN/eval/<mode>-<qa name>.json)")
+    args = p.parse_args(argv)
+    if args.top_k is not None and args.top_k <= 0:
+        raise CozyError(f"--top-k must be positive, got {args.top_k}")
+    if args.limit < 0 or args.batch_size <= 0:
+        raise CozyError("--limit must be >= 0 and --batch-size positive")
+    from .qa import load_qa_file
+    from .rag import RAG, resolve_run
+
+    items, _ = load_qa_file(args.qa, args.format)
+    items = items[:args.limit] if args.limit else items
+    rag = RAG.load(args.run, corpus=args.corpus, device=args.device)
+    summary, preds = evaluate(rag, items, args.mode, args.top_k, args.batch_size)
+    run_dir, base = resolve_run(args.run)
+    out = Path(args.out) if args.out else run_dir / "eval" / f"{'base-' if base else ''}{args.mode}-{Path(args.qa).stem}.json"
+    write_results(summary, preds, out)
+    print(json.dumps(summary))
+    return 0

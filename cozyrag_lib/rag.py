@@ -1,0 +1,223 @@
+"""A loaded RAG pipeline: models, passages and index read once, then any number of questions.
+
+    >>> rag = RAG.load("outputs/runs/demo")              # the trained run (final/ of training)
+    >>> base = RAG.load("base:outputs/runs/demo")        # the untrained base models with the stage-3 index
+    >>> out = rag.answer("Who was Albert Einstein?")
+    >>> out["answer"], out["passages"][0]["title"], out["timings"]["total_s"]
+
+or, with the pipeline cached per process, `cozyrag_lib.answer("Who was Albert Einstein?", run="demo")`.
+On the command line: `python -m cozyrag_lib ask --run outputs/runs/demo "Who was Albert Einstein?"`.
+
+RUN names a run folder (`outputs/runs/demo`) or a run name (`demo`, looked up under `out_root`);
+`base:RUN` uses the models named in that run's config instead of the trained ones.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from .config import Config, load_config
+from .errors import CozyError
+
+TRAINED = "final"  # training writes final/{generator,retriever,index} under the run folder
+MODES = ("rag", "closed", "oracle")
+
+
+def resolve_run(run: str | Path, out_root: str = "outputs/runs") -> tuple[Path, bool]:
+    """(run folder, base?) for a RUN spec: a folder, a run name under out_root, either prefixed by `base:`."""
+    spec = str(run)
+    base = spec.startswith("base:")
+    spec = spec[len("base:"):] if base else spec
+    path = Path(spec)
+    if not path.is_dir() and (Path(out_root) / spec).is_dir():
+        path = Path(out_root) / spec
+    if not path.is_dir():
+        raise CozyError(f"run '{spec}': no such run folder (looked at {spec} and {Path(out_root) / spec})")
+    return path, base
+
+
+def run_config(run_dir: Path, **overrides: Any) -> Config:
+    """The resolved config a run was made with (training's, else the index stage's), plus overrides."""
+    for name in ("train.config.json", "index/config.json", "passages.config.json", "qa/config.json"):
+        path = run_dir / name
+        if path.is_file():
+            try:
+                values = json.loads(path.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise CozyError(f"{path}: not a valid config file ({e})") from None
+            values.update(out_root=str(run_dir.parent), run_name=run_dir.name)
+            return load_config(None, {**values, **overrides})
+    raise CozyError(f"{run_dir}: no config.json from any stage; is this a CoZyRAG run folder?")
+
+
+@dataclass
+class RAG:
+    """Generator + tokenizer + retriever + passage index, with the answering settings of `cfg`."""
+
+    cfg: Config
+    generator: Any
+    tokenizer: Any
+    retriever: Any
+    pindex: Any
+    name: str = ""
+    sentences: Any = field(default=None, repr=False)  # SentenceCache: passage sentence embeddings, kept across calls
+
+    @classmethod
+    def load(cls, run: str | Path, corpus: str | Path | None = None, device: str | None = None,
+             **overrides: Any) -> "RAG":
+        """Load a run's trained models (or `base:RUN`'s untrained ones) and its index.
+
+        corpus: a passages JSONL to search instead of the run's own; it is embedded with the run's
+        retriever into a temporary in-memory Flat index.
+        """
+        from .index import PassageIndex
+        from .models import load_generator, load_retriever
+        from .retrieval import SentenceCache
+
+        run_dir, base = resolve_run(run, overrides.get("out_root", "outputs/runs"))
+        cfg = run_config(run_dir, **overrides)
+        dev = device or ("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu")
+        trained = run_dir / TRAINED
+        if base:
+            gen_spec, ret_spec, index_dir = cfg.generator, cfg.retriever, run_dir / "index"
+        else:
+            if not (trained / "generator" / "config.json").is_file():
+                raise CozyError(f"{run_dir}: no trained model in {trained}/ (train it first, or use base:{run_dir} "
+                                f"for the untrained models)")
+            gen_spec, ret_spec, index_dir = str(trained / "generator"), str(trained / "retriever"), trained / "index"
+        generator, tokenizer = load_generator(gen_spec, cfg.model_cache, cfg.trust_remote_code)
+        generator.to(dev).eval()
+        retriever = load_retriever(ret_spec, device=dev, trust_remote_code=cfg.trust_remote_code)
+        retriever.eval()
+        if corpus is not None:
+            pindex = temporary_index(retriever, corpus, cfg)
+        else:
+            pindex = PassageIndex.load(index_dir, run_dir / "passages.jsonl", retriever=ret_spec)
+        name = f"{'base' if base else 'trained'}:{run_dir.name}"
+        return cls(cfg, generator, tokenizer, retriever, pindex, name, SentenceCache(retriever, cfg.embed_batch_size))
+
+    # ------------------------------------------------------------------------------------------
+    def answer(self, question: str, top_k: int | None = None, mode: str = "rag", context: str | None = None) -> dict:
+        """One question; see `answer_batch` for the result's keys."""
+        return self.answer_batch([question], top_k, mode, None if context is None else [context])[0]
+
+    @torch.inference_mode()
+    def answer_batch(self, questions: Sequence[str], top_k: int | None = None, mode: str = "rag",
+                     contexts: Sequence[str] | None = None) -> list[dict]:
+        """Answer questions together (one retrieval search and batched generation).
+
+        mode: "rag" retrieves top_k passages; "closed" gives no context; "oracle" builds the context
+        from `contexts` (the gold passages) with the same sentence ranking and token budget.
+        Returns one dict per question: question, answer, passages [{id, title, text, score}],
+        context_sentences (the sentences given to the generator, best first), context (the text as
+        prompted), timings {retrieve_s, context_s, generate_s, total_s} (per question: batch time / n).
+        """
+        from .answer import generate_answers
+        from .retrieval import CHAT, format_prompt, rank_sentences, retrieve, truncate_tokens
+
+        if mode not in MODES:
+            raise CozyError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if not questions or any(not isinstance(q, str) or not q.strip() for q in questions):
+            raise CozyError("questions must be non-empty text")
+        cfg, n = self.cfg, len(questions)
+        k = top_k or cfg.top_k
+        if k <= 0:
+            raise CozyError(f"top_k must be positive, got {k}")
+        t0 = time.perf_counter()
+        hits: list[list[dict]] = [[] for _ in questions]
+        if mode == "rag":
+            q_emb, scores, ids = retrieve(self.retriever, self.pindex, list(questions), k, cfg.embed_batch_size)
+            hits = [[{**self.pindex.passages[j], "score": float(s)} for s, j in zip(srow, irow) if j >= 0]
+                    for srow, irow in zip(scores, ids)]
+        elif mode == "oracle":
+            if contexts is None or len(contexts) != n:
+                raise CozyError("oracle mode needs one gold context per question")
+            from .index import embed_texts
+
+            q_emb = embed_texts(self.retriever, list(questions), cfg.embed_batch_size, show_progress=False)
+            hits = [[{"id": f"gold-{i}", "title": "", "text": c, "score": float("nan")}] for i, c in enumerate(contexts)]
+        t1 = time.perf_counter()
+        sentence_lists: list[list[str]] = [[] for _ in questions]
+        prompted = [""] * n
+        if mode != "closed":
+            self.sentences.add([p for row in hits for p in row])
+            for i, row in enumerate(hits):
+                ranked = rank_sentences(q_emb[i], [p["id"] for p in row], self.sentences, cfg.answer_max_sentences)
+                prompted[i] = truncate_tokens(self.tokenizer, " ".join(ranked), cfg.context_tokens)
+                sentence_lists[i] = [s for s in ranked if s in prompted[i]] or ([prompted[i]] if prompted[i] else [])
+            if mode == "oracle":  # gold contexts are per call; don't let them pile up in the cache
+                for row in hits:
+                    for p in row:
+                        self.sentences.sentences.pop(p["id"], None)
+                        self.sentences.embeddings.pop(p["id"], None)
+        t2 = time.perf_counter()
+        prompts = [format_prompt(self.tokenizer, q, c, cfg.prompt_template) for q, c in zip(questions, prompted)]
+        answers = generate_answers(self.generator, self.tokenizer, prompts, cfg.max_new_tokens, max(n, 1),
+                                   cfg.do_sample, cfg.temperature, cfg.sample_top_k, cfg.top_p,
+                                   add_special_tokens=cfg.prompt_template != CHAT)
+        t3 = time.perf_counter()
+        timings = {"retrieve_s": (t1 - t0) / n, "context_s": (t2 - t1) / n, "generate_s": (t3 - t2) / n,
+                   "total_s": (t3 - t0) / n}
+        return [{"question": q, "answer": a, "passages": h, "context_sentences": s, "context": c, "mode": mode,
+                 "timings": dict(timings)}
+                for q, a, h, s, c in zip(questions, answers, hits, sentence_lists, prompted)]
+
+
+def temporary_index(retriever, corpus: str | Path, cfg: Config):
+    """An in-memory Flat index over a passages JSONL, embedded with `retriever`."""
+    from .chunking import read_passages
+    from .index import PassageIndex, embed_texts, make_faiss_index, passage_texts
+
+    passages = read_passages(corpus)
+    emb = embed_texts(retriever, passage_texts(passages), cfg.embed_batch_size)  # (N, d)
+    manifest = {"retriever": "in-memory", "dim": int(emb.shape[1]), "passages": len(passages),
+                "index_factory": "Flat", "version": 0, "passages_file": str(corpus)}
+    return PassageIndex(index=make_faiss_index(emb, "Flat"), passages=passages, manifest=manifest, embeddings=emb)
+
+
+_LOADED: dict[tuple, RAG] = {}
+
+
+def answer(question: str, run: str | Path = "demo", top_k: int | None = None, **load_kw: Any) -> dict:
+    """Answer with the run's pipeline, loaded on first use and reused for every later call in this process."""
+    key = (str(run), tuple(sorted((k, str(v)) for k, v in load_kw.items())))
+    if key not in _LOADED:
+        _LOADED[key] = RAG.load(run, **load_kw)
+    return _LOADED[key].answer(question, top_k)
+
+
+def format_answer(out: dict, width: int = 100) -> str:
+    """The answer and its sources as plain text (what `ask` prints)."""
+    lines = [f"Q: {out['question']}", f"A: {out['answer']}", ""]
+    for i, p in enumerate(out["passages"], 1):
+        text = p["text"] if len(p["text"]) <= width else p["text"][:width - 3] + "..."
+        lines.append(f"[{i}] {p['score']:.3f}  {p['title']}: {text}")
+    if out["context_sentences"]:
+        lines += ["", "context given to the generator:"] + [f"  - {s}" for s in out["context_sentences"]]
+    t = out["timings"]
+    lines += ["", f"({t['total_s']:.2f} s: retrieve {t['retrieve_s']:.2f}, context {t['context_s']:.2f}, "
+                  f"generate {t['generate_s']:.2f})"]
+    return "\n".join(lines)
+
+
+def cli(argv: list[str]) -> int:
+    """`python -m cozyrag_lib ask --run RUN [--top-k K] [--mode rag|closed] [--json] QUESTION...`"""
+    p = argparse.ArgumentParser(prog="python -m cozyrag_lib ask", description="Answer questions with a run.")
+    p.add_argument("question", nargs="+", help="one or more questions (quote each)")
+    p.add_argument("--run", default="demo", help="run folder or name; base:RUN for the untrained models")
+    p.add_argument("--top-k", type=int, default=None, help="passages to retrieve (default: the run's top_k)")
+    p.add_argument("--mode", choices=["rag", "closed"], default="rag")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    args = p.parse_args(argv)
+    rag = RAG.load(args.run, device=args.device)
+    for out in rag.answer_batch(args.question, args.top_k, args.mode):
+        print(json.dumps(out, default=float) if args.json else format_answer(out) + "\n")
+    return 0

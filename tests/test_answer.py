@@ -1,0 +1,100 @@
+"""Answering and evaluation on the tiny run: RAG.load, answer(), ask / evaluate commands."""
+import json
+
+import pytest
+
+from conftest import run_cli
+from cozyrag_lib import CozyError, RAG, evaluate, read_qa
+from cozyrag_lib.evaluate import recall_at_ks, write_results
+from cozyrag_lib.rag import resolve_run
+
+
+@pytest.fixture(scope="module")
+def base_rag(tiny_run):
+    return RAG.load(f"base:{tiny_run.run_dir}")
+
+
+def test_answer_returns_answer_passages_sentences_and_timings(base_rag):
+    out = base_rag.answer("Who was Abraham Lincoln?", top_k=3)
+    assert isinstance(out["answer"], str) and "\n" not in out["answer"]
+    assert len(out["passages"]) == 3
+    scores = [p["score"] for p in out["passages"]]
+    assert scores == sorted(scores, reverse=True)
+    assert out["passages"][0]["title"] == "Abraham Lincoln"
+    # the sentences given to the generator come from the retrieved passages, best first, within the budget
+    texts = " ".join(p["text"] for p in out["passages"])
+    assert out["context_sentences"] and all(s in texts or s in out["context"] for s in out["context_sentences"])
+    assert len(out["context_sentences"]) <= base_rag.cfg.answer_max_sentences
+    assert len(base_rag.tokenizer(out["context"], add_special_tokens=False)["input_ids"]) <= base_rag.cfg.context_tokens
+    assert set(out["timings"]) == {"retrieve_s", "context_s", "generate_s", "total_s"}
+    assert out["timings"]["total_s"] >= out["timings"]["generate_s"] > 0
+
+
+def test_batch_equals_single_and_greedy_is_reproducible(base_rag):
+    qs = ["What is anarchism?", "Who was Ada Lovelace?"]
+    batch = base_rag.answer_batch(qs)
+    single = [base_rag.answer(q) for q in qs]
+    assert [b["answer"] for b in batch] == [s["answer"] for s in single]
+    assert [b["context"] for b in batch] == [s["context"] for s in single]
+
+
+def test_closed_and_oracle_modes(base_rag):
+    closed = base_rag.answer("Who was Ada Lovelace?", mode="closed")
+    assert closed["passages"] == [] and closed["context"] == ""
+    gold = "Ada Lovelace was an English mathematician. She wrote the first program. Cats are mammals."
+    oracle = base_rag.answer("Who wrote the first program?", mode="oracle", context=gold)
+    assert oracle["context_sentences"][0] == "She wrote the first program."
+    with pytest.raises(CozyError):
+        base_rag.answer_batch(["x?"], mode="oracle")  # oracle needs contexts
+    with pytest.raises(CozyError):
+        base_rag.answer("   ")
+
+
+def test_evaluate_metrics_are_consistent_with_predictions(base_rag, tiny_run, tmp_path):
+    items = read_qa(tiny_run.run_dir / "qa" / "test.jsonl")[:6]
+    summary, preds = evaluate(base_rag, items, "rag", top_k=4, batch_size=4, show_progress=False)
+    assert summary["n"] == len(preds) == 6
+    assert summary["em"] == pytest.approx(sum(p["em"] for p in preds) / 6, abs=1e-4)
+    assert summary["title_recall@5"] == pytest.approx(sum(p["title_recall@5"] for p in preds) / 6, abs=1e-4)
+    # the untrained MiniLM already finds most built-in questions' own article
+    assert summary["title_recall@5"] >= 0.5
+    assert summary["latency_p95_s"] >= summary["latency_p50_s"] > 0
+    curve = recall_at_ks(base_rag, items, [1, 2, 4])
+    assert curve["title_recall"] == sorted(curve["title_recall"])  # recall@k never drops as k grows
+    pred_path = write_results(summary, preds, tmp_path / "eval.json")
+    assert json.loads((tmp_path / "eval.json").read_text()) == summary
+    assert len(pred_path.read_text().splitlines()) == 6
+
+
+def test_resolve_run_errors(tmp_path):
+    with pytest.raises(CozyError, match="no such run folder"):
+        resolve_run(tmp_path / "nope")
+    run = tmp_path / "untrained"
+    (run / "qa").mkdir(parents=True)
+    (run / "qa" / "config.json").write_text("{}")
+    with pytest.raises(CozyError, match="no trained model"):
+        RAG.load(run)
+    (run / "qa" / "config.json").write_text("{not json")
+    with pytest.raises(CozyError, match="not a valid config"):
+        RAG.load(f"base:{run}")
+
+
+@pytest.mark.slow
+def test_ask_and_evaluate_commands(tiny_run, tmp_path):
+    run = f"base:{tiny_run.run_dir}"
+    r = run_cli("ask", "--run", run, "--json", "Who was Ada Lovelace?")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["passages"][0]["title"] == "Ada Lovelace"
+    out_json = tmp_path / "e.json"
+    r = run_cli("evaluate", "--run", run, "--qa", str(tiny_run.run_dir / "qa" / "test.jsonl"), "--mode", "closed",
+                "--limit", "4", "--out", str(out_json))
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert summary["n"] == 4 and summary["mode"] == "closed" and "answer_recall@1" not in summary
+    assert json.loads(out_json.read_text()) == summary
+    assert (tmp_path / "e.predictions.jsonl").is_file()
+    # a QA file that does not exist: one line, exit 2, nothing written
+    r = run_cli("evaluate", "--run", run, "--qa", str(tmp_path / "missing.jsonl"))
+    assert r.returncode == 2 and r.stderr.startswith("error:") and "Traceback" not in r.stderr
+    assert "missing.jsonl" in r.stderr
