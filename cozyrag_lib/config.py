@@ -111,6 +111,7 @@ class Config:
     temperature: float = 0.6  # sampling temperature
     sample_top_k: int = 70  # sampling top-k
     top_p: float = 0.95  # sampling nucleus
+    max_eval_qa: int = 200  # test questions evaluated per table row in notebook 05 (0 = all)
 
     # ------------------------------------------------------------------------------------------
     @property
@@ -198,7 +199,7 @@ def validate(cfg: Config) -> Config:
         if getattr(cfg, k) <= 0:
             raise CozyError(f"config: {k} must be positive, got {getattr(cfg, k)}")
     non_negative = ["lr_generator", "lr_retriever", "warmup_steps", "weight_decay", "max_qa", "max_articles",
-                    "chunk_overlap_sentences", "max_steps_per_phase", "max_train_qa", "epochs_per_phase",
+                    "chunk_overlap_sentences", "max_steps_per_phase", "max_train_qa", "epochs_per_phase", "max_eval_qa",
                     "ngram_repeat_weight", "keyword_overlap_weight", "short_answer_weight", "short_answer_min_words",
                     "grad_clip", "max_val_qa"]
     for k in non_negative:
@@ -269,17 +270,18 @@ def parse_cli_overrides(args: list[str]) -> tuple[str | None, dict[str, str]]:
 _NOTEBOOK_NAMES = {"In", "Out", "exit", "quit", "get_ipython", "preset"}
 
 
-def notebook_config(namespace: dict[str, Any]) -> Config:
+def notebook_config(namespace: dict[str, Any], extra: tuple[str, ...] = ()) -> Config:
     """Build the config from a notebook's parameters (papermill injects them as globals).
 
     Every public global that is a plain value must be a config field (or `preset`); values left as
     None fall back to the preset. A misspelt papermill parameter is therefore an error, not a no-op.
+    Names in `extra` are notebook parameters that are not config keys (e.g. a default question).
     The preset is the notebook's `preset` parameter, else the COZYRAG_PRESET environment variable (how
     the test command runs the notebooks under nbval on the tiny preset), else "demo".
     """
     overrides = {}
     for k, v in namespace.items():
-        if k.startswith("_") or k in _NOTEBOOK_NAMES or callable(v) or isinstance(v, types.ModuleType):
+        if k.startswith("_") or k in _NOTEBOOK_NAMES or k in extra or callable(v) or isinstance(v, types.ModuleType):
             continue
         if k not in FIELDS:
             raise CozyError(f"notebook parameter '{k}' is not a config key")
