@@ -1,0 +1,51 @@
+"""Notebook 05 helpers: HTML rendering, tables, the question box's plain fallback, PNG plots."""
+from types import SimpleNamespace
+
+import pytest
+
+from cozyrag_lib.explore import answer_html, plot_em_f1, plot_latency, plot_recall, question_box, summary_table
+
+OUT = {"question": "Who wrote it?", "answer": "Ann <b>", "mode": "rag",
+       "passages": [{"id": "p1", "title": "Books", "text": "Ann wrote it. Cats sleep.", "score": 0.9}],
+       "context_sentences": ["Ann wrote it."], "context": "Ann wrote it.",
+       "timings": {"retrieve_s": 0.1, "context_s": 0.1, "generate_s": 0.2, "total_s": 0.4}}
+
+
+class FakeRAG:
+    cfg = SimpleNamespace(top_k=3)
+
+    def __init__(self):
+        self.asked = []
+
+    def answer(self, question, top_k=None):
+        self.asked.append((question, top_k))
+        return {**OUT, "question": question}
+
+
+def test_answer_html_highlights_chosen_sentences_and_escapes():
+    h = answer_html(OUT)
+    assert "<mark>Ann wrote it.</mark>" in h and "<mark>Cats sleep.</mark>" not in h
+    assert "Ann &lt;b&gt;" in h  # model output is escaped, never rendered as markup
+
+
+def test_question_box_prints_plain_answer_without_front_end(capsys):
+    rag = FakeRAG()
+    box = question_box(rag, "What __import__('os')?")
+    printed = capsys.readouterr().out
+    assert "A: Ann <b>" in printed and "[1] 0.900  Books" in printed
+    assert rag.asked == [("What __import__('os')?", 3)]  # the text is passed on as a string, never evaluated
+    assert type(box).__name__ == "VBox"
+
+
+def test_summary_table():
+    t = summary_table([{"model": "base", "mode": "closed", "n": 3, "em": 0.5, "f1": 0.25}], keys=("model", "mode", "n", "em", "answer_recall@5"))
+    assert t.splitlines()[2] == "| base | closed | 3 | 0.500 | - |"
+
+
+def test_plots_are_written_as_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    plot_recall({"base": {"k": [1, 5], "answer_recall": [0.1, 0.3], "title_recall": [0.5, 0.9]}}, tmp_path / "r.png")
+    plot_em_f1([{"model": "base", "mode": "rag", "em": 0.1, "f1": 0.2}], tmp_path / "e.png")
+    plot_latency({"base": [{"latency_s": 0.1}, {"latency_s": 0.3}]}, tmp_path / "l.png")
+    for name in ("r.png", "e.png", "l.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
