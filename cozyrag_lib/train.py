@@ -55,7 +55,7 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .atomic import atomic_dir, atomic_path, atomic_write_text
-from .config import Config, load_config, notebook_config, parse_cli_overrides
+from .config import Config, load_config, parse_cli_overrides
 from .errors import CozyError
 from .retrieval import (CHAT, SentenceCache, build_contexts, collate, encode_example, format_prompt, gold_passages,
                         retrieve, to_device, truncate_tokens)
@@ -268,7 +268,12 @@ class Run:
 
     @property
     def versions(self) -> tuple[int, int]:
-        return self.state["retriever_version"], self.state["index_version"]
+        """(retriever version, index version): what retrieval results depend on.
+
+        The retriever version is its number of optimizer updates (so an evaluation in the middle of a
+        retriever phase retrieves afresh); the index version counts refreshes (manifest `version`).
+        """
+        return self.state["ret_step"], self.state["index_version"]
 
     def autocast(self):
         if self.cfg.precision == "bf16":
@@ -278,7 +283,7 @@ class Run:
 
 def new_state(run_index_version: int) -> dict:
     return {"phase_index": 0, "phase_step": 0, "epoch": 0, "pos": 0, "step": 0, "gen_step": 0, "ret_step": 0,
-            "retriever_version": 0, "index_version": run_index_version, "initial_index_version": run_index_version,
+            "index_version": run_index_version, "initial_index_version": run_index_version,
             "metrics_lines": 0, "answers_lines": 0}
 
 
@@ -395,6 +400,25 @@ def encode_for_loss(run: Run, questions: list[str], *passage_lists: list[str] | 
         return run.ret_model(*feats)
 
 
+def candidate_logprobs(run: Run, questions: list[str], answers: list[str], cand: torch.Tensor) -> torch.Tensor:
+    """(B, C) the generator's mean per-token log-prob of the gold answer with each candidate passage as context.
+
+    No grad, eval mode, `batch_size` prompts per forward; missing candidates (-1) get -1e4.
+    """
+    cfg, tok, passages = run.cfg, run.tokenizer, run.pindex.passages
+    examples = [encode_example(tok, q, truncate_tokens(tok, passage_text(passages[j]), cfg.context_tokens), a,
+                               cfg.prompt_template, cfg.max_length)
+                for q, a, row in zip(questions, answers, cand.tolist()) for j in row if j >= 0]
+    flat = []
+    for s in range(0, len(examples), cfg.batch_size):
+        batch = to_device(collate(examples[s:s + cfg.batch_size], tok.pad_token_id, tok.eos_token_id), run.device)
+        with run.autocast():
+            flat.append(answer_logprobs(run.generator, batch).float().cpu())
+    logprob = torch.full(cand.shape, -1e4)
+    logprob[cand >= 0] = torch.cat(flat) if flat else torch.zeros(0)
+    return logprob
+
+
 def retriever_loss(run: Run, batch: dict) -> tuple[torch.Tensor, dict]:
     """contrastive: InfoNCE on (question, its retrieved context); lm_supervised: KL to the generator's target."""
     from .losses import contrastive_retriever_loss, gold_passage_loss, lm_supervised_retriever_loss
@@ -407,17 +431,7 @@ def retriever_loss(run: Run, batch: dict) -> tuple[torch.Tensor, dict]:
     cand = torch.tensor(batch["candidates"])  # (B, C) passage rows, -1 = none found
     B, C = cand.shape
     valid = cand >= 0
-    # target: how likely the generator finds the gold answer with each candidate as its context
-    examples = [encode_example(run.tokenizer, q, truncate_tokens(run.tokenizer, passage_text(passages[j]), cfg.context_tokens),
-                               a, cfg.prompt_template, cfg.max_length)
-                for q, a, row in zip(batch["questions"], batch["answers"], cand.tolist()) for j in row if j >= 0]
-    logprob = torch.full((B, C), -1e4)
-    flat = []
-    for s in range(0, len(examples), cfg.batch_size):
-        with run.autocast():
-            flat.append(answer_logprobs(run.generator, to_device(collate(examples[s:s + cfg.batch_size],
-                        run.tokenizer.pad_token_id, run.tokenizer.eos_token_id), run.device)).float().cpu())
-    logprob[valid] = torch.cat(flat)
+    logprob = candidate_logprobs(run, batch["questions"], batch["answers"], cand)  # (B, C) target, no grad
     # scores: the retriever re-encodes questions and candidates WITH grad
     gold = torch.tensor(batch["gold"])  # (B,)
     has_gold = gold >= 0
@@ -617,11 +631,18 @@ def set_rng_state(s: dict) -> None:
         torch.cuda.set_rng_state(s["cuda"])
 
 
+def weight_checksums(run: Run) -> list[float]:
+    """[generator, retriever] sums of all weights: equal on every rank when DDP keeps the replicas in step."""
+    return [float(sum(p.detach().double().sum() for p in m.parameters())) for m in (run.generator, run.retriever)]
+
+
 def save_checkpoint(run: Run) -> None:
     """Models, optimizers, position, RNG states (every rank's), versions, phase data, config: one folder, atomically."""
     rngs = distributed.all_gather_object(rng_state())
+    checksums = distributed.all_gather_object(weight_checksums(run))
     if distributed.is_main_process():
-        st = {**run.state, "metrics_lines": run.log.lines, "rng": rngs, "world_size": distributed.get_world_size()}
+        st = {**run.state, "metrics_lines": run.log.lines, "rng": rngs, "world_size": distributed.get_world_size(),
+              "weight_checksums": checksums}
         with atomic_dir(run.cfg.run_dir / CHECKPOINT) as tmp:
             run.generator.save_pretrained(tmp / "generator", safe_serialization=True)
             run.tokenizer.save_pretrained(tmp / "generator")
@@ -683,6 +704,9 @@ def setup_run(cfg: Config, device: torch.device, resume: bool) -> Run:
     from .models import load_generator, load_retriever
     from .qa import read_qa
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own bars show progress; "Loading weights" bars would bury them
     rd, world = cfg.run_dir, distributed.get_world_size()
     ckpt = find_checkpoint(rd) if resume else None
     if resume and ckpt is None and distributed.is_main_process():
@@ -722,10 +746,9 @@ def setup_run(cfg: Config, device: torch.device, resume: bool) -> Run:
     gen_model, ret_model = AnswerLM(generator), RetrieverEncoder(retriever)
     if distributed.is_distributed():
         ids = [device.index] if device.type == "cuda" else None
-        gen_model = nn.parallel.DistributedDataParallel(gen_model, device_ids=ids, broadcast_buffers=False)
+        gen_model = nn.parallel.DistributedDataParallel(gen_model, device_ids=ids)
         # the BERT pooler runs but feeds no loss: unused parameters must be tolerated
-        ret_model = nn.parallel.DistributedDataParallel(ret_model, device_ids=ids, broadcast_buffers=False,
-                                                        find_unused_parameters=True)
+        ret_model = nn.parallel.DistributedDataParallel(ret_model, device_ids=ids, find_unused_parameters=True)
     opt_g = torch.optim.AdamW(generator.parameters(), lr=cfg.lr_generator, weight_decay=cfg.weight_decay)
     opt_r = torch.optim.AdamW(retriever.parameters(), lr=cfg.lr_retriever, weight_decay=cfg.weight_decay)
     if ckpt:
@@ -738,11 +761,12 @@ def setup_run(cfg: Config, device: torch.device, resume: bool) -> Run:
               opt_retriever=opt_r, loss_fn=GeneratorLoss.from_config(cfg, keyword_ignore_ids=stopword_token_ids(tokenizer)),
               pindex=pindex, items=items, gold=gold_passages(items, pindex.passages), val_items=val_items,
               plan=plan_phases(cfg, len(items), world), state=state)
-    run.sentence_cache = SentenceCache(passage_encoder, cfg.embed_batch_size, version=state["retriever_version"])
+    run.sentence_cache = SentenceCache(passage_encoder, cfg.embed_batch_size, version=state["ret_step"])
     if ckpt:
         data = json.loads((ckpt / "phase_data.json").read_text(encoding="utf-8"))
         run.phase_data = data if data and data.get("phase_index") == state["phase_index"] else None
         rngs = state.pop("rng")
+        state.pop("weight_checksums", None)
         if len(rngs) == world:
             set_rng_state(rngs[distributed.get_rank()])
         elif distributed.is_main_process():
@@ -782,7 +806,7 @@ def log_eval(run: Run) -> None:
     st = run.state
     row = {"step": st["step"], "phase": run.plan[min(st["phase_index"], len(run.plan) - 1)][0],
            "phase_index": st["phase_index"], **estimate_loss(run),
-           "retriever_version": st["retriever_version"], "index_version": st["index_version"]}
+           "retriever_version": st["ret_step"], "index_version": st["index_version"]}
     run.log.log(row)
     if distributed.is_main_process() and "val_loss" in row:
         tqdm.write(f"step {row['step']}: val_loss {row['val_loss']:.4f}, val_recall@5 {row['val_recall@5']:.3f}")
@@ -857,10 +881,8 @@ def train_loop(run: Run) -> dict:
         bar.close()
 
         # phase end: refresh the index after a retriever phase, evaluate, answer, checkpoint
-        if not gen:
-            st["retriever_version"] += 1
-            if not cfg.query_only:
-                refresh_index(run)
+        if not gen and not cfg.query_only:
+            refresh_index(run)
         log_eval(run)
         if gen:
             rows = answer_val_questions(run)
@@ -986,11 +1008,6 @@ def val_answers_markdown(run_dir: str | Path, last_only: bool = True) -> str:
     lines = ["| step | question | answer | context |", "|---:|---|---|---|"]
     lines += [f"| {r['step']} | {cell(r['question'])} | {cell(r['answer'])} | {cell(r['context'])} |" for r in rows]
     return "\n".join(lines)
-
-
-def notebook_train_config(namespace: dict[str, Any]) -> Config:
-    """`notebook_config` for the training notebook: its `nproc_per_node` parameter is a launch setting, not config."""
-    return notebook_config({k: v for k, v in namespace.items() if k != "nproc_per_node"})
 
 
 if __name__ == "__main__":

@@ -1,0 +1,366 @@
+"""Stage 4 training: the fast answer-logits path, batching, schedules, the retriever losses' effect, and real runs
+(one process, two torchrun processes, SIGKILL + --resume) on the tiny preset."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT
+from cozyrag_lib import train
+from cozyrag_lib.config import load_config
+from cozyrag_lib.errors import CozyError
+from cozyrag_lib.losses import answer_nll
+from cozyrag_lib.retrieval import collate
+
+# a small corpus and few steps keep every run under a minute on 2 cores
+STAGE_ARGS = dict(max_articles=80, chunk_max_tokens=64)
+RUN_ARGS = ["--max_steps_per_phase=3", "--checkpoint_every=2", "--eval_every=2", "--retriever_candidates=3",
+            "--max_train_qa=48", "--max_val_qa=8", "--max_new_tokens=4", "--warmup_steps=2"]
+# deterministic CPU runs: one thread per process (the resume test compares weights bit for bit)
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+       "PYTHONUNBUFFERED": "1"}
+
+
+# ----------------------------------------------------------------------------------------------
+# fixtures: stage 1-3 artefacts once, copied into a fresh run folder per run
+
+
+@pytest.fixture(scope="module")
+def stages(tmp_path_factory, model_cache):
+    from cozyrag_lib.chunking import chunk_corpus
+    from cozyrag_lib.index import build_index
+    from cozyrag_lib.qa import prepare_qa
+
+    cfg = load_config("tiny", out_root=str(tmp_path_factory.mktemp("train") / "runs"), model_cache=str(model_cache),
+                      **STAGE_ARGS)
+    prepare_qa(cfg)
+    chunk_corpus(cfg)
+    build_index(cfg)
+    return cfg
+
+
+def new_run(stages, name: str) -> Path:
+    """A run folder holding copies of the stage 1-3 artefacts."""
+    src, dst = stages.run_dir, Path(stages.out_root) / name
+    shutil.copytree(src / "qa", dst / "qa")
+    shutil.copytree(src / "index", dst / "index")
+    shutil.copy(src / "passages.jsonl", dst / "passages.jsonl")
+    return dst
+
+
+def train_cmd(stages, name: str, *extra: str, nproc: int = 0) -> list[str]:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc \
+        else [sys.executable]
+    return [*launcher, "-m", "cozyrag_lib.train", "--preset=tiny", f"--out_root={stages.out_root}", f"--run_name={name}",
+            f"--model_cache={stages.model_cache}", *RUN_ARGS, *extra]
+
+
+def run_training(stages, name: str, *extra: str, nproc: int = 0) -> Path:
+    run_dir = new_run(stages, name) if not (Path(stages.out_root) / name).exists() else Path(stages.out_root) / name
+    r = subprocess.run(train_cmd(stages, name, *extra, nproc=nproc), cwd=ROOT, env=ENV, capture_output=True, text=True,
+                       timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    return run_dir
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def single_run(stages) -> Path:
+    """One process, batch 4: the reference run of the module."""
+    return run_training(stages, "one", "--batch_size=4")
+
+
+# ----------------------------------------------------------------------------------------------
+# logits only at labelled positions == the plain full-logits forward
+
+
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+
+
+@pytest.mark.parametrize("arch", ["tiny:gpt2", "llama"])
+def test_answer_logits_match_the_full_forward(arch, tiny_generator):
+    model = tiny_llama() if arch == "llama" else tiny_generator[0]
+    model.eval()  # no dropout: both paths must see the same network
+    V = model.get_output_embeddings().weight.shape[0]
+    g = torch.Generator().manual_seed(1)
+    examples = [{"prompt_ids": torch.randint(3, V, (n,), generator=g).tolist(),
+                 "answer_ids": torch.randint(3, V, (m,), generator=g).tolist() + [2],
+                 "question_ids": [5], "words_before": [0] * (m + 1)} for n, m in [(7, 3), (12, 1), (4, 5)]]
+    b = collate(examples, pad_id=0, eos_id=2)
+
+    model.zero_grad()
+    fast = answer_nll(train.AnswerLM(model)(b["input_ids"], b["attention_mask"], b["positions"]),
+                      b["answer_ids"], b["answer_mask"])
+    fast.backward()
+    fast_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    labels = torch.full_like(b["input_ids"], -100)  # labels only on answer + EOS
+    for row, e in enumerate(examples):
+        n = len(e["prompt_ids"])
+        labels[row, n:n + len(e["answer_ids"])] = torch.tensor(e["answer_ids"])
+    model.zero_grad()
+    ref = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=labels).loss
+    ref.backward()
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
+    assert len(fast_grads) > 5
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(fast_grads[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
+
+
+# ----------------------------------------------------------------------------------------------
+# schedule, phases, batches
+
+
+def test_get_lr_warms_up_then_decays_to_a_tenth():
+    lrs = [train.get_lr(s, 100, 1.0, 10) for s in range(101)]
+    assert lrs[0] < lrs[5] < lrs[9] <= 1.0
+    assert max(lrs) == pytest.approx(1.0) and lrs[100] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+
+
+def test_plan_phases_caps_and_repeats():
+    cfg = load_config("tiny", phases=["generator", "retriever"], phase_repeats=2, max_steps_per_phase=0,
+                      epochs_per_phase=2.0, batch_size=4, grad_accum=2)
+    assert train.plan_phases(cfg, 40, world=1) == [("generator", 10), ("retriever", 10)] * 2  # 2 x 10 batches / 2
+    cfg.max_steps_per_phase = 3
+    assert train.plan_phases(cfg, 40, world=2) == [("generator", 3), ("retriever", 3)] * 2
+    with pytest.raises(CozyError, match="fewer than one global batch"):
+        train.plan_phases(cfg, 7, world=2)
+
+
+def test_phase_batches_are_the_same_global_batches_for_any_world_size():
+    lengths = np.random.default_rng(0).integers(5, 50, 37)
+    one = train.PhaseBatches(lengths, batch_size=4, world=1, seed=1, phase_index=0)
+    two = train.PhaseBatches(lengths, batch_size=2, world=2, seed=1, phase_index=0)
+    for epoch in range(3):
+        one.set_epoch(epoch)
+        two.set_epoch(epoch)
+        assert len(one) == 9 and len(two) == 18  # 37 // 4 global batches of 4; the partial one dropped
+        for j in range(9):
+            assert one[j] == two[2 * j] + two[2 * j + 1]  # rank 0's slice + rank 1's slice
+        flat = [i for j in range(9) for i in one[j]]
+        assert len(set(flat)) == 36
+    one.set_epoch(0)
+    first = [one[j] for j in range(9)]
+    one.set_epoch(1)
+    assert [one[j] for j in range(9)] != first  # reshuffled each epoch
+    # the DistributedSampler hands rank r the items j * world + r
+    from torch.utils.data import DistributedSampler
+
+    ranks = [list(DistributedSampler(two, num_replicas=2, rank=r, shuffle=False)) for r in (0, 1)]
+    assert ranks == [list(range(0, 18, 2)), list(range(1, 18, 2))]
+    # items a phase touches: every item of 9 global batches, then 3 batches into the next epoch
+    assert len(one.items_used(9)) == 36 and 36 >= len(one.items_used(3)) == 12
+
+
+# ----------------------------------------------------------------------------------------------
+# the retriever phase moves scores the right way
+
+
+PASSAGES = [{"id": "a", "title": "Freedonia", "text": "The capital of Freedonia is Zorbatown, a city on the coast."},
+            {"id": "b", "title": "Bananas", "text": "Bananas are yellow fruit that grow in warm countries."}]
+QUESTION, ANSWER = "What is the capital of Freedonia?", "Zorbatown"
+
+
+def fake_run(retriever, generator=None, tokenizer=None, loss="lm_supervised"):
+    """The parts of train.Run that retriever_loss / candidate_logprobs use, with a real retriever."""
+    cfg = load_config("tiny", retriever_loss=loss, context_tokens=64, batch_size=2, retriever_temperature=0.1)
+    run = types.SimpleNamespace(cfg=cfg, device=torch.device("cpu"), retriever=retriever, passage_encoder=retriever,
+                                ret_model=train.RetrieverEncoder(retriever), generator=generator, tokenizer=tokenizer,
+                                pindex=types.SimpleNamespace(passages=PASSAGES))
+    run.autocast = lambda: torch.autocast("cpu", enabled=False)
+    return run
+
+
+def passage_scores(retriever) -> torch.Tensor:
+    from cozyrag_lib.index import embed_texts
+
+    q = embed_texts(retriever, [QUESTION], show_progress=False)
+    p = embed_texts(retriever, [train.passage_text(p) for p in PASSAGES], show_progress=False)
+    return torch.from_numpy(p @ q[0])  # (2,) cosine of A and B
+
+
+def test_lm_supervised_step_raises_the_passage_that_helps_the_generator(retriever, monkeypatch):
+    import copy
+
+    st = copy.deepcopy(retriever).eval()  # eval: no dropout, so the score change is the update's alone
+    run = fake_run(st)
+    run.cfg.retriever_temperature = 1.0  # a soft retriever distribution (~0.65 / 0.35) the target (~0.996) exceeds
+    # the generator finds the answer far more likely given A (fixed log-probs stand in for it here)
+    monkeypatch.setattr(train, "candidate_logprobs", lambda run, q, a, cand: torch.tensor([[-6.0, -0.5]] * len(q)))
+    batch = {"questions": [QUESTION], "answers": [ANSWER], "candidates": [[1, 0]], "gold": [-1]}  # B ranked first
+    before = passage_scores(st)
+    opt = torch.optim.AdamW(st.parameters(), lr=1e-5)
+    for _ in range(2):
+        loss, parts = train.retriever_loss(run, batch)
+        assert torch.isfinite(loss) and set(parts) >= {"retriever_kl", "gold_passage", "retriever_loss"}
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    after = passage_scores(st)
+    assert (after[0] - after[1]) > (before[0] - before[1]) + 1e-3, (before, after)
+
+
+def test_generator_log_probs_prefer_the_passage_with_the_answer(retriever, model_cache):
+    """The target itself: a real (small, pretrained) generator copies the answer from the passage that holds it."""
+    from cozyrag_lib.models import load_generator
+
+    gen, tok = load_generator("embedded:smollm2-135m-instruct", model_cache)
+    run = fake_run(retriever, gen, tok)
+    lp = train.candidate_logprobs(run, [QUESTION], [ANSWER], torch.tensor([[0, 1, -1]]))
+    assert lp.shape == (1, 3) and lp[0, 2] == -1e4  # a missing candidate
+    assert lp[0, 0] > lp[0, 1] + 1.0, lp
+
+
+def test_contrastive_step_runs_on_retrieved_contexts(retriever):
+    import copy
+
+    st = copy.deepcopy(retriever)
+    run = fake_run(st, loss="contrastive")
+    batch = {"questions": [QUESTION, "What colour are bananas?"], "answers": ["x", "y"], "gold": [-1, -1],
+             "contexts": [PASSAGES[0]["text"], PASSAGES[1]["text"]]}
+    loss, parts = train.retriever_loss(run, batch)
+    loss.backward()
+    assert torch.isfinite(loss) and any(p.grad is not None and p.grad.abs().sum() > 0 for p in st.parameters())
+
+
+# ----------------------------------------------------------------------------------------------
+# small pieces
+
+
+def test_config_toml_round_trips(tmp_path):
+    cfg = load_config("tiny", val_questions=["Who wrote 'X, Y'?", 'A "quoted" one\\ ok'], lr_generator=1e-5,
+                      qa_extra=["/a b/c.tsv"])
+    path = tmp_path / "c.toml"
+    path.write_text(train.config_toml(cfg))
+    assert load_config(str(path)) == cfg
+
+
+def test_missing_stage_artefacts_are_a_one_line_error(tmp_path, capsys):
+    rc = train.main(["--preset=tiny", f"--out_root={tmp_path}", "--run_name=empty"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("error: ") and "train.jsonl" in err[0], err
+
+
+# ----------------------------------------------------------------------------------------------
+# real runs
+
+
+@pytest.mark.slow
+def test_full_cycle_in_one_process(single_run):
+    run_dir = single_run
+    rows = read_metrics(run_dir)
+    assert rows[0]["step"] == 0 and "val_loss" in rows[0] and "val_recall@5" in rows[0]  # the step-0 row
+    steps = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 10))
+    assert [r["phase"] for r in steps] == ["generator"] * 3 + ["retriever"] * 3 + ["generator"] * 3
+    gen, ret = steps[0], steps[3]
+    for k in ("lm", "ngram_repeat", "keyword_overlap", "short_answer", "lr_generator", "tokens_per_s", "samples_per_s"):
+        assert k in gen, k
+    for k in ("retriever_loss", "retriever_kl", "gold_passage", "lr_retriever", "samples_per_s"):
+        assert k in ret, k
+    evals = [r for r in rows if "val_loss" in r]
+    for k in ("val_loss", "val_recall@5", "val_answer_recall@5", "val_title_recall@5", "index_version"):
+        assert all(k in r for r in evals), k
+    assert [r["step"] for r in evals] == [0, 2, 3, 4, 6, 8, 9]  # every 2 steps and at each phase end
+    assert evals[-1]["index_version"] == 1 and evals[0]["index_version"] == 0  # refreshed once
+
+    # final artefacts load with the plain libraries
+    import faiss
+    from sentence_transformers import SentenceTransformer
+    from transformers import AutoModelForCausalLM
+
+    assert any((run_dir / "generator").glob("*.safetensors"))
+    AutoModelForCausalLM.from_pretrained(run_dir / "generator")
+    st = SentenceTransformer(str(run_dir / "retriever"), device="cpu")
+    index = faiss.read_index(str(run_dir / "index" / "index.faiss"))
+    assert index.ntotal == len((run_dir / "passages.jsonl").read_text().splitlines())
+    manifest = json.loads((run_dir / "index" / "manifest.json").read_text())
+    assert manifest["version"] == 1 and manifest["retriever"] == str((run_dir / "retriever").resolve())
+    # the refreshed index holds the trained retriever's passage vectors
+    from cozyrag_lib.index import PassageIndex, passage_texts
+
+    pidx = PassageIndex.load(run_dir / "index", run_dir / "passages.jsonl", retriever=str(run_dir / "retriever"))
+    np.testing.assert_allclose(st.encode(passage_texts(pidx.passages[:3]), normalize_embeddings=True),
+                               pidx.embeddings[:3], atol=1e-4)
+    assert json.loads((run_dir / "train.config.json").read_text())["run_name"] == "one"
+    # validation answers after each generator phase; the checkpoint loads without pickled code
+    answers = [json.loads(line) for line in (run_dir / "val_answers.jsonl").read_text().splitlines()]
+    assert [a["step"] for a in answers] == [3, 3, 9, 9] and all(set(a) >= {"question", "answer", "context"} for a in answers)
+    state = torch.load(run_dir / "checkpoints" / "last" / "state.pt", weights_only=True)
+    assert state["phase_index"] == 3 and state["step"] == 9 and len(state["rng"]) == 1
+    # the notebook's helpers
+    fig = train.plot_metrics(run_dir)
+    assert (run_dir / "plots" / "training.png").stat().st_size > 1000 and len(fig.axes) == 4
+    assert "| What is anarchism? |" in train.val_answers_markdown(run_dir)
+
+
+@pytest.mark.slow
+def test_two_torchrun_processes_follow_the_one_process_curve(stages, single_run):
+    run_dir = run_training(stages, "two", "--batch_size=2", nproc=2)  # 2 x 2 = the same global batch of 4
+    one = [r for r in read_metrics(single_run) if "loss" in r]
+    two = [r for r in read_metrics(run_dir) if "loss" in r]
+    assert [r["step"] for r in two] == [r["step"] for r in one]
+    # the same questions in every step; only dropout masks and the per-rank averaging differ
+    for a, b in zip(one, two):
+        tol = 0.02 if a["phase"] == "generator" else 0.25
+        assert b["loss"] == pytest.approx(a["loss"], rel=tol), (a, b)
+    assert read_metrics(run_dir)[0]["val_loss"] == pytest.approx(read_metrics(single_run)[0]["val_loss"], rel=1e-3)
+    state = torch.load(run_dir / "checkpoints" / "last" / "state.pt", weights_only=True)
+    assert len(state["rng"]) == 2  # every rank's random state
+    gen_sums, ret_sums = zip(*state["weight_checksums"])  # DDP kept both ranks' replicas identical
+    assert gen_sums[0] == gen_sums[1] and ret_sums[0] == ret_sums[1]
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(run_dir / "generator")
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_ends_with_the_uninterrupted_weights(stages, single_run):
+    from safetensors.torch import load_file
+
+    name = "killed"
+    run_dir = new_run(stages, name)
+    state_file = run_dir / "checkpoints" / "last" / "state.pt"
+    proc = subprocess.Popen(train_cmd(stages, name, "--batch_size=4"), cwd=ROOT, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 600
+        while not state_file.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run finished before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    killed_at = torch.load(state_file, weights_only=True)["step"]
+    assert 0 < killed_at < 9
+    run_training(stages, name, "--batch_size=4", "--resume")
+
+    ref, got = load_file(single_run / "generator" / "model.safetensors"), load_file(run_dir / "generator" / "model.safetensors")
+    assert ref.keys() == got.keys()
+    for k in ref:
+        assert torch.equal(ref[k], got[k]), k
+    rows = read_metrics(run_dir)
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 10))  # no step logged twice
+    one = {r["step"]: r["loss"] for r in read_metrics(single_run) if "loss" in r}
+    assert all(r["loss"] == pytest.approx(one[r["step"]], abs=1e-6) for r in rows if "loss" in r)
