@@ -3,9 +3,9 @@
     python -m cozyrag_lib bench index --preset=demo --max_passages=2000
 
 `index`: passages/s of `embed_texts` against the raw `SentenceTransformer.encode` on the same texts
-(alternating which goes first, so warm caches and thermal drift favour neither), and the FAISS build
+(block by block, alternating which goes first, so load drift favours neither), and the FAISS build
 time (and recall@10 against exact search) of Flat, HNSW32 and IVF indexes over those embeddings.
-Options besides config overrides: `--max_passages=N` (a seeded sample; 0 = all), `--rounds=R`.
+Options besides config overrides: `--max_passages=N` (a seeded sample; 0 = all).
 
 A new benchmark is a function `(args) -> dict` added to `BENCHMARKS`.
 """
@@ -17,6 +17,7 @@ import time
 from typing import Any, Callable
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from .errors import CozyError
 
@@ -94,7 +95,7 @@ def bench_index(args: list[str]) -> dict[str, Any]:
     from .index import embed_texts, make_faiss_index, passage_texts
     from .models import load_retriever
 
-    opts, rest = pop_int_options(args, {"max_passages": 0, "rounds": 2})
+    opts, rest = pop_int_options(args, {"max_passages": 0})
     cfg = bench_config(rest)
     device = distributed.setup(cfg.device)
     passages, source = bench_passages(cfg, opts["max_passages"])
@@ -110,26 +111,28 @@ def bench_index(args: list[str]) -> dict[str, Any]:
 
             torch.cuda.synchronize(device)
 
-    runs: dict[str, Callable[[], np.ndarray]] = {
-        "raw": lambda: retriever.encode(texts, batch_size=bs, normalize_embeddings=True, show_progress_bar=False),
-        "embed": lambda: embed_texts(retriever, texts, bs, show_progress=False),
+    runs: dict[str, Callable[[list[str]], np.ndarray]] = {
+        "raw": lambda t: retriever.encode(t, batch_size=bs, normalize_embeddings=True, show_progress_bar=False),
+        "embed": lambda t: embed_texts(retriever, t, bs, show_progress=False),
     }
     # warm-up: the first batches pay for thread pools, allocator and kernel selection
-    retriever.encode(texts[:bs], batch_size=bs, show_progress_bar=False)
-    embed_texts(retriever, texts[:bs], bs, show_progress=False)
-    seconds = {name: 0.0 for name in runs}
-    rounds = max(1, opts["rounds"])
-    for r in range(rounds):
-        for name in (("raw", "embed") if r % 2 == 0 else ("embed", "raw")):
+    for run in runs.values():
+        run(texts[:bs])
+    # Both take the same blocks of 8 batches, alternating which goes first: a machine whose load
+    # drifts (other jobs, clocks) over minutes then slows both alike.
+    block = 8 * bs
+    seconds, parts = {name: 0.0 for name in runs}, []
+    for b, start in enumerate(tqdm(range(0, len(texts), block), desc="bench", unit="block")):
+        for name in (("raw", "embed") if b % 2 == 0 else ("embed", "raw")):
             sync()
             t0 = time.perf_counter()
-            out = runs[name]()
+            out = runs[name](texts[start:start + block])
             sync()
             seconds[name] += time.perf_counter() - t0
             if name == "embed":
-                embeddings = out  # (N, d)
-    raw_ps = rounds * len(texts) / seconds["raw"]
-    embed_ps = rounds * len(texts) / seconds["embed"]
+                parts.append(out)
+    embeddings = np.concatenate(parts)  # (N, d)
+    raw_ps, embed_ps = len(texts) / seconds["raw"], len(texts) / seconds["embed"]
 
     # FAISS: build time, and recall@10 of the approximate indexes against exact search
     n, d = embeddings.shape
@@ -154,7 +157,7 @@ def bench_index(args: list[str]) -> dict[str, Any]:
         "source": source,
         "retriever": cfg.retriever,
         "batch_size": bs,
-        "rounds": rounds,
+        "block": block,
         "encode_raw_passages_per_s": round(raw_ps, 2),
         "embed_passages_per_s": round(embed_ps, 2),
         "ratio": round(embed_ps / raw_ps, 4),

@@ -249,7 +249,7 @@ def test_bench_index_reports_one_json_line(tiny_cfg, capsys):
 
     tiny_passages(tiny_cfg)
     args = ["index", "--preset=tiny", f"--out_root={tiny_cfg.out_root}", f"--model_cache={tiny_cfg.model_cache}",
-            "--max_passages=24", "--rounds=1", "--embed_batch_size=16"]
+            "--max_passages=24", "--embed_batch_size=4"]
     assert bench.cli(args) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 1
@@ -259,3 +259,16 @@ def test_bench_index_reports_one_json_line(tiny_cfg, capsys):
     assert result["recall_at_10_vs_flat"]["Flat"] == 1.0
     with pytest.raises(CozyError, match="unknown benchmark 'nope'"):
         bench.cli(["nope"])
+
+
+def test_pq_index_trains_without_polysemous_codes():
+    """IVF,PQ builds (and skips the slow polysemous training plain search never uses)."""
+    import faiss
+
+    x = np.random.default_rng(0).standard_normal((300, 384)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    index = make_faiss_index(x, "IVF2,PQ8", nprobe=2)
+    ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+    assert index.ntotal == 300 and ivf.nprobe == 2 and not ivf.do_polysemous_training
+    _, ids = index.search(x[:20], 1)
+    assert (ids[:, 0] == np.arange(20)).mean() >= 0.8  # 8-byte codes still mostly find the vector itself
