@@ -40,9 +40,14 @@ def test_notebook_shape(path):
         assert isinstance(stmt, ast.Assign) and len(stmt.targets) == 1, ast.unparse(stmt)
         ast.literal_eval(stmt.value)  # raises on anything but a literal
         names.append(stmt.targets[0].id)
-    assert names[0] == "preset" and set(names[1:]) <= set(FIELDS), set(names[1:]) - set(FIELDS)
-    # derived values come after: the next cell builds the config from the parameters
-    assert "notebook_config(globals())" in config.source
+    # derived values come after: the next cell builds the config from the parameters, naming any
+    # parameter that is not a config key in `extra=` (e.g. a default question)
+    calls = [n for n in ast.walk(ast.parse(config.source))
+             if isinstance(n, ast.Call) and getattr(n.func, "id", None) == "notebook_config"]
+    assert len(calls) == 1 and ast.unparse(calls[0].args[0]) == "globals()", config.source
+    extra = [ast.literal_eval(k.value) for k in calls[0].keywords if k.arg == "extra"]
+    allowed = set(FIELDS) | set(*extra)
+    assert names[0] == "preset" and set(names[1:]) <= allowed, set(names[1:]) - allowed
 
 
 def _dirty_notebook(path):
