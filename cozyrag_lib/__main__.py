@@ -70,7 +70,10 @@ def main(argv: list[str] | None = None) -> int:
             cfg = load_config(preset or "demo", overrides)
             module, name = STAGES[command]
             summary = getattr(importlib.import_module(module), name)(cfg)
-            print(json.dumps(summary, indent=2, default=str))
+            from .distributed import is_main_process
+
+            if is_main_process():  # under torchrun every rank returns the summary; print it once
+                print(json.dumps(summary, indent=2, default=str))
         elif command in TOOLS:
             try:
                 module = importlib.import_module(TOOLS[command])
