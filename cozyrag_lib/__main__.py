@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import sys
 import traceback
 from typing import Callable
@@ -70,9 +71,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = load_config(preset or "demo", overrides)
             module, name = STAGES[command]
             summary = getattr(importlib.import_module(module), name)(cfg)
-            from .distributed import is_main_process
-
-            if is_main_process():  # under torchrun every rank returns the summary; print it once
+            if os.environ.get("RANK", "0") == "0":  # under torchrun every rank returns it (the group may be gone)
                 print(json.dumps(summary, indent=2, default=str))
         elif command in TOOLS:
             try:
