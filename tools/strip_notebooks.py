@@ -12,12 +12,12 @@ the file is laid out exactly as nbformat writes it, so the check is a byte compa
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import nbformat
-
-from cozyrag_lib.atomic import atomic_write_text
 
 # cell metadata that only records what happened in one run; tags (e.g. "parameters") are kept
 VOLATILE_CELL_KEYS = ("execution", "papermill", "collapsed", "scrolled", "ExecuteTime", "jupyter")
@@ -45,6 +45,17 @@ def stripped_text(path: Path) -> str:
     nb = nbformat.read(path, as_version=4)
     text = nbformat.writes(strip(nb))
     return text if text.endswith("\n") else text + "\n"
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write beside `path`, then rename over it: an interrupted run never leaves half a notebook.
+
+    (The tool stays free of cozyrag_lib so it runs in any Python that has nbformat, e.g. a git hook.)
+    """
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 def find_notebooks(paths: list[str]) -> list[Path]:
@@ -76,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         dirty.append(path)
         if not args.check:
-            atomic_write_text(path, want)
+            write_atomically(path, want)
             print(f"stripped {path}")
     if args.check and dirty:
         for path in dirty:
