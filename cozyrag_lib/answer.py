@@ -33,20 +33,20 @@ def postprocess_answer(text: str, prompt: str | None = None) -> str:
     if re.match(r"\s*(?:Q|Question)\s*:", text, re.IGNORECASE):  # an echoed plain prompt: answer follows its A:
         parts = re.split(r"\b(?:A|Answer)\s*:", text, flags=re.IGNORECASE)
         text = parts[-1] if len(parts) > 1 else ""
-    text = _LEAD.sub("", text)
+    text = _LEAD.sub("", text.lstrip())
     text = _RUN_ON.split(text, maxsplit=1)[0]
     return " ".join(text.split())
 
 
 class _StopAtNewline:
-    """Stopping criterion: a row is done once its generated text contains a newline."""
+    """Stopping criterion: a row is done once its generated text has a newline after some content."""
 
     def __init__(self, tokenizer, prompt_len: int):
         self.tokenizer, self.prompt_len = tokenizer, prompt_len
 
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
-        last = self.tokenizer.batch_decode(input_ids[:, -1:])  # only the newest token of each row
-        return torch.tensor(["\n" in t for t in last], device=input_ids.device)
+        new = self.tokenizer.batch_decode(input_ids[:, self.prompt_len:], skip_special_tokens=True)  # (B,) so far
+        return torch.tensor(["\n" in t.lstrip() for t in new], device=input_ids.device)
 
 
 @torch.no_grad()

@@ -75,7 +75,7 @@ class Config:
     warmup_steps: int = 10  # linear warmup, then cosine decay to 10%
     weight_decay: float = 0.0  # AdamW weight decay
     grad_clip: float = 1.0  # clip the global gradient norm before each optimizer step (0 = off)
-    precision: str = "fp32"  # fp32, or bf16 autocast (several times faster on CPUs with AMX and on recent GPUs)
+    precision: str = "fp32"  # fp32, bf16 (autocast; faster on recent GPUs and CPUs with AMX), or auto (bf16 where fast)
     top_k: int = 4  # passages retrieved per question
     max_length: int = 256  # hard limit on prompt + answer tokens
     train_max_sentences: int = 10  # context sentences kept in training
@@ -210,8 +210,8 @@ def validate(cfg: Config) -> Config:
             raise CozyError(f"config: {k} must be positive, got {getattr(cfg, k)}")
     if cfg.retriever_loss not in ("lm_supervised", "contrastive"):
         raise CozyError(f"config: retriever_loss must be lm_supervised or contrastive, got {cfg.retriever_loss!r}")
-    if cfg.precision not in ("fp32", "bf16"):
-        raise CozyError(f"config: precision must be fp32 or bf16, got {cfg.precision!r}")
+    if cfg.precision not in ("fp32", "bf16", "auto"):
+        raise CozyError(f"config: precision must be fp32, bf16 or auto, got {cfg.precision!r}")
     if cfg.qa_format not in ("auto", "squad", "qabot", "tsv", "jsonl"):
         raise CozyError(f"config: qa_format must be auto, squad, qabot, tsv or jsonl, got {cfg.qa_format!r}")
     if cfg.device not in ("auto", "cpu", "cuda"):

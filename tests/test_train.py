@@ -256,10 +256,41 @@ def test_config_toml_round_trips(tmp_path):
     assert load_config(str(path)) == cfg
 
 
+def test_qa_extra_adds_only_its_train_split(stages, tmp_path):
+    from cozyrag_lib.qa import split_of
+
+    titles = ["Normans", "Geology", "Super_Bowl_50", "Oxygen", "Paris"]  # train, test, validation, ...
+    extra = tmp_path / "extra.jsonl"
+    extra.write_text("".join(json.dumps({"question": f"About {t}?", "answer": t, "title": t}) + "\n" for t in titles))
+    base = len(train.load_train_items(load_config("tiny", out_root=stages.out_root, max_train_qa=0)))
+    items = train.load_train_items(load_config("tiny", out_root=stages.out_root, max_train_qa=0, qa_extra=[str(extra)]))
+    added = [it["question"] for it in items[base:]]
+    assert added == [f"About {t}?" for t in titles if split_of(t) == "train"] and "About Geology?" not in added
+    capped = train.load_train_items(load_config("tiny", out_root=stages.out_root, max_train_qa=10))
+    assert len(capped) == 10
+
+
+def test_mlflow_is_optional(tmp_path, capsys):
+    cfg = load_config("tiny", mlflow=True, mlflow_uri=str(tmp_path / "mlruns"))
+    log = train.MetricsLog(tmp_path / "metrics.jsonl", cfg)
+    log.log({"step": 0, "val_recall@5": 0.5})
+    log.close()
+    assert json.loads((tmp_path / "metrics.jsonl").read_text()) == {"step": 0, "val_recall@5": 0.5}
+    try:
+        import mlflow  # noqa: F401
+    except ImportError:
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "mlflow" in err[0].lower()
+
+
 def test_missing_stage_artefacts_are_a_one_line_error(tmp_path, capsys):
     rc = train.main(["--preset=tiny", f"--out_root={tmp_path}", "--run_name=empty"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and err[0].startswith("error: ") and "train.jsonl" in err[0], err
+    from conftest import run_cli
+
+    r = run_cli("train", "--preset=tiny", f"--out_root={tmp_path}", "--run_name=empty", "--no_such_key=1")
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and "no_such_key" in r.stderr
 
 
 # ----------------------------------------------------------------------------------------------
@@ -280,7 +311,7 @@ def test_full_cycle_in_one_process(single_run):
     for k in ("retriever_loss", "retriever_kl", "gold_passage", "lr_retriever", "samples_per_s"):
         assert k in ret, k
     evals = [r for r in rows if "val_loss" in r]
-    for k in ("val_loss", "val_recall@5", "val_answer_recall@5", "val_title_recall@5", "index_version"):
+    for k in ("val_loss", "val_recall@5", "val_answer_recall@5", "val_title_recall@5", "val_recall@1", "index_version"):
         assert all(k in r for r in evals), k
     assert [r["step"] for r in evals] == [0, 2, 3, 4, 6, 8, 9]  # every 2 steps and at each phase end
     assert evals[-1]["index_version"] == 1 and evals[0]["index_version"] == 0  # refreshed once
@@ -352,7 +383,7 @@ def test_resume_after_sigkill_ends_with_the_uninterrupted_weights(stages, single
         os.kill(proc.pid, signal.SIGKILL)
     finally:
         proc.wait()
-    killed_at = torch.load(state_file, weights_only=True)["step"]
+    killed_at = torch.load(train.find_checkpoint(run_dir) / "state.pt", weights_only=True)["step"]
     assert 0 < killed_at < 9
     run_training(stages, name, "--batch_size=4", "--resume")
 
