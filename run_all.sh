@@ -85,11 +85,18 @@ install_env() {
 setup() {
     if ((SKIP_INSTALL)); then
         if [[ -x "$VENV/bin/python" ]]; then PATH="$VENV/bin:$PATH"; fi
-        if ! command -v papermill >/dev/null || ! python -c "import cozyrag_lib" 2>/dev/null; then
+        if ! command -v papermill >/dev/null \
+                || ! python -c "import importlib.util as u, sys; sys.exit(u.find_spec('cozyrag_lib') is None)"; then
             die "--skip-install: this environment lacks cozyrag_lib or papermill; run ./run_all.sh without it once"
         fi
-        return
+    else
+        install_if_changed
     fi
+    # a kernelspec named python3 in the user's folders would shadow ours; look in the venv first
+    if [[ -d "$VENV/share/jupyter" ]]; then export JUPYTER_PATH="$VENV/share/jupyter${JUPYTER_PATH:+:$JUPYTER_PATH}"; fi
+}
+
+install_if_changed() {
     local torch stamp_file want
     torch="$(torch_spec)"
     stamp_file="$VENV/.cozyrag-install-stamp"
@@ -102,8 +109,6 @@ setup() {
         echo "$want" >"$stamp_file"
     fi
     PATH="$VENV/bin:$PATH"
-    # a kernelspec named python3 in the user's folders would shadow ours; look in the venv first
-    export JUPYTER_PATH="$VENV/share/jupyter${JUPYTER_PATH:+:$JUPYTER_PATH}"
 }
 
 setup
@@ -130,7 +135,8 @@ from cozyrag_lib.errors import CozyError
 from cozyrag_lib.models import is_local_spec
 
 preset, rest = sys.argv[1], sys.argv[2:]
-overrides = {rest[i + 1]: rest[i + 2] for i in range(0, len(rest), 3)}
+# -p KEY None is papermill's None (= the preset's value); -r values are always strings
+overrides = {k: v for flag, k, v in zip(rest[::3], rest[1::3], rest[2::3]) if not (flag == "-p" and v == "None")}
 try:
     cfg = load_config(preset, overrides)
 except CozyError as e:

@@ -109,6 +109,7 @@ def test_run_all_help():
     (["--preset", "nope"], ["preset 'nope' not found"]),
     (["-p", "top_k", "0"], ["top_k must be positive"]),
     (["--only", "99"], ["no notebooks match --only '99'"]),
+    (["-p", "top_k", "None", "--only", "99"], ["no notebooks match"]),  # None = the preset's value: passes the check
 ])
 def test_run_all_rejects_bad_arguments_before_running_anything(args, fragments):
     assert_one_line_error(run_all(*args), *fragments)
