@@ -7,16 +7,24 @@ The stages, each a function of one `Config` (see `config.py`) that writes named 
     build_index(cfg)     -> index/ (FAISS + embeddings + manifest)
     cozyrag_lib.train    -> final/{generator,retriever,index}, metrics.jsonl  (python -m / torchrun)
     RAG.load(run).answer(question), evaluate(rag, items)
+
+Names are imported on first use, so `python -m cozyrag_lib` and the config stay quick to load.
 """
-from .chunking import chunk_corpus, read_passages
+import importlib
+
 from .config import Config, load_config, notebook_config
 from .errors import CozyError
-from .evaluate import evaluate
-from .index import PassageIndex, build_index
-from .models import load_generator, load_retriever
-from .qa import load_qa_file, prepare_qa, read_qa
-from .rag import RAG, answer
 
-__all__ = ["Config", "CozyError", "PassageIndex", "RAG", "answer", "build_index", "chunk_corpus", "evaluate",
-           "load_config", "load_generator", "load_qa_file", "load_retriever", "notebook_config", "prepare_qa",
-           "read_passages", "read_qa"]
+_LAZY = {
+    "chunk_corpus": "chunking", "read_passages": "chunking", "evaluate": "evaluate", "PassageIndex": "index",
+    "build_index": "index", "load_generator": "models", "load_retriever": "models", "load_qa_file": "qa",
+    "prepare_qa": "qa", "read_qa": "qa", "RAG": "rag", "answer": "rag",
+}
+
+__all__ = ["Config", "CozyError", "load_config", "notebook_config", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'cozyrag_lib' has no attribute '{name}'")

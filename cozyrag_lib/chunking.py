@@ -478,7 +478,7 @@ def chunk_corpus(cfg) -> dict:
 
 
 def _chunk_corpus(cfg, sources: list[Source], dist) -> dict:
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     from .atomic import atomic_write_text
 

@@ -150,8 +150,13 @@ def coerce(name: str, value: Any, source: str = "override") -> Any:
         raise CozyError(f"{source}: unknown config key '{name}'{hint}")
     t = _field_type(name)
     bad = CozyError(f"{source}: {name}={value!r} is not a valid {getattr(t, '__name__', str(t))}")
-    if isinstance(t, types.GenericAlias):  # list[str]
-        if isinstance(value, str):
+    if isinstance(t, types.GenericAlias):  # list[str]: a JSON list, or comma-separated text
+        if isinstance(value, str) and value.strip().startswith("["):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                raise bad from None
+        elif isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
             raise bad
@@ -276,16 +281,25 @@ def notebook_config(namespace: dict[str, Any], extra: tuple[str, ...] = ()) -> C
     Every public global that is a plain value must be a config field (or `preset`); values left as
     None fall back to the preset. A misspelt papermill parameter is therefore an error, not a no-op.
     Names in `extra` are notebook parameters that are not config keys (e.g. a default question).
+    The parameter names are remembered on the first call, so re-running the cell later in Jupyter
+    (when `cfg` and other results exist) checks the same names again.
     The preset is the notebook's `preset` parameter, else the COZYRAG_PRESET environment variable (how
     the test command runs the notebooks under nbval on the tiny preset), else "demo".
+    A kernel started in `notebooks/` (Jupyter's habit) moves to the project root, so relative paths
+    such as `outputs/runs` mean the same as under run_all.sh.
     """
+    if "_cozyrag_parameters" not in namespace:
+        namespace["_cozyrag_parameters"] = [
+            k for k, v in namespace.items()
+            if not (k.startswith("_") or k in _NOTEBOOK_NAMES or k in extra or callable(v) or isinstance(v, types.ModuleType))]
+        here = Path.cwd()
+        if here.name == "notebooks" and (here.parent / "pyproject.toml").is_file() and (here.parent / "cozyrag_lib").is_dir():
+            os.chdir(here.parent)
     overrides = {}
-    for k, v in namespace.items():
-        if k.startswith("_") or k in _NOTEBOOK_NAMES or k in extra or callable(v) or isinstance(v, types.ModuleType):
-            continue
+    for k in namespace["_cozyrag_parameters"]:
         if k not in FIELDS:
             raise CozyError(f"notebook parameter '{k}' is not a config key")
-        if v is not None:
-            overrides[k] = v
+        if namespace[k] is not None:
+            overrides[k] = namespace[k]
     preset = namespace.get("preset") or os.environ.get("COZYRAG_PRESET") or "demo"
     return load_config(preset, overrides)

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from tqdm import tqdm  # text bars: they also stream through papermill, where widget bars stay invisible
 
 from . import distributed
 from .atomic import atomic_dir, atomic_path

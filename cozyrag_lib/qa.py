@@ -32,7 +32,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable
 
-from tqdm.auto import tqdm
+from tqdm import tqdm  # text bars: they also stream through papermill, where widget bars stay invisible
 
 from .atomic import atomic_dir
 from .errors import CozyError

@@ -34,7 +34,7 @@ def retrieve(retriever, pindex, questions: Sequence[str], k: int, batch_size: in
 
     Questions are encoded a batch at a time and each batch is ONE FAISS search.
     """
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     from . import distributed
     from .index import embed_texts

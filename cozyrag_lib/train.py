@@ -20,7 +20,7 @@ Artefacts under cfg.run_dir:
     metrics.jsonl        one JSON object per optimizer step and per evaluation (rank 0 appends, flushes)
     val_answers.jsonl    answers to cfg.val_questions after each generator phase
     checkpoints/last/    everything `--resume` needs, written atomically
-    generator/ retriever/ index/   the trained models and the refreshed index (plain HF / ST / FAISS formats)
+    final/{generator,retriever,index}/   the trained models and the refreshed index (plain HF / ST / FAISS formats)
     train.config.json    the resolved config
 
 Evaluation (step 0, every `eval_every` steps, each phase end) on `max_val_qa` validation questions:
@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset, DistributedSampler
-from tqdm.auto import tqdm
+from tqdm import tqdm  # text bars: they also stream through papermill, where widget bars stay invisible
 
 from . import distributed
 from .atomic import atomic_dir, atomic_path, atomic_write_text
@@ -63,6 +63,7 @@ from .retrieval import (CHAT, SentenceCache, build_contexts, collate, encode_exa
                         retrieve, to_device, truncate_tokens)
 
 CHECKPOINT = "checkpoints/last"
+FINAL = "final"  # trained generator/, retriever/ and refreshed index/ (read by rag.RAG.load)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -527,7 +528,7 @@ def estimate_loss(run: Run) -> dict:
 
 def answer_val_questions(run: Run) -> list[dict]:
     """Rank 0 answers cfg.val_questions with retrieval; rows for val_answers.jsonl."""
-    from .answer import generate_answers
+    from .generate import generate_answers
 
     cfg = run.cfg
     if not cfg.val_questions or not distributed.is_main_process():
@@ -683,27 +684,31 @@ def find_checkpoint(run_dir: Path) -> Path | None:
 
 
 def save_final(run: Run) -> dict:
-    """generator/, retriever/, index/ (refreshed, manifest version), train.config.json under run_dir (rank 0)."""
+    """final/{generator,retriever,index} (index refreshed, manifest version) and train.config.json under run_dir (rank 0).
+
+    The stage-3 index in run_dir/index/ stays as it was: it belongs to the base retriever (zero-shot runs use it).
+    """
     from .index import save_index
     from .models import retriever_identity
 
     cfg, rd = run.cfg, run.cfg.run_dir
+    final = rd / FINAL
     if distributed.is_main_process():
-        with atomic_dir(rd / "generator") as tmp:
+        with atomic_dir(final / "generator") as tmp:
             run.generator.save_pretrained(tmp, safe_serialization=True)
             run.tokenizer.save_pretrained(tmp)
-        with atomic_dir(rd / "retriever") as tmp:
+        with atomic_dir(final / "retriever") as tmp:
             run.retriever.save(str(tmp))
         manifest = {**run.pindex.manifest, "version": run.state["index_version"],
-                    "retriever": retriever_identity(str(rd / "retriever")),
+                    "retriever": retriever_identity(str(final / "retriever")),
                     "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         if cfg.query_only:
             manifest["passage_encoder"] = run.pindex.manifest.get("passage_encoder", run.pindex.manifest["retriever"])
         run.pindex.manifest = manifest
-        save_index(rd / "index", run.pindex.index, np.asarray(run.pindex.embeddings, dtype=np.float32), manifest, cfg)
+        save_index(final / "index", run.pindex.index, np.asarray(run.pindex.embeddings, dtype=np.float32), manifest, cfg)
         cfg.save(rd / "train.config.json")
     distributed.barrier()
-    return {"generator": str(rd / "generator"), "retriever": str(rd / "retriever"), "index": str(rd / "index"),
+    return {"generator": str(final / "generator"), "retriever": str(final / "retriever"), "index": str(final / "index"),
             "index_version": run.state["index_version"], "steps": run.state["step"]}
 
 

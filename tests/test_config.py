@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -190,3 +191,33 @@ def test_resolved_config_is_saved_as_json_and_reloads_equal(tmp_path):
     assert set(data) == set(FIELDS) and data["top_k"] == 7
     assert load_config(None, data) == cfg
     assert [p.name for p in path.parent.iterdir()] == ["config.json"]  # no temporary file left behind
+
+
+def test_list_values_accept_json_lists_and_commas():
+    from cozyrag_lib.config import coerce
+
+    assert coerce("corpus_sources", '["/scratch/wiki, part 1", "embedded"]') == ["/scratch/wiki, part 1", "embedded"]
+    assert coerce("corpus_sources", "a, b") == ["a", "b"]
+    with pytest.raises(CozyError):
+        coerce("corpus_sources", "[not json")
+
+
+def test_notebook_config_can_be_rerun_after_results_exist(monkeypatch, tmp_path):
+    from cozyrag_lib.config import notebook_config
+
+    monkeypatch.chdir(tmp_path)
+    ns = {"preset": "tiny", "top_k": 7, "run_name": None}
+    cfg = notebook_config(ns)
+    ns.update(cfg=cfg, summary={"n": 1})  # what later cells leave behind in the kernel
+    assert notebook_config(ns).top_k == 7
+
+
+def test_notebook_config_moves_a_notebooks_kernel_to_the_project_root(monkeypatch, tmp_path):
+    from cozyrag_lib.config import notebook_config
+
+    (tmp_path / "cozyrag_lib").mkdir()
+    (tmp_path / "pyproject.toml").write_text("")
+    (tmp_path / "notebooks").mkdir()
+    monkeypatch.chdir(tmp_path / "notebooks")
+    notebook_config({"preset": "tiny"})
+    assert Path.cwd() == tmp_path

@@ -321,17 +321,17 @@ def test_full_cycle_in_one_process(single_run):
     from sentence_transformers import SentenceTransformer
     from transformers import AutoModelForCausalLM
 
-    assert any((run_dir / "generator").glob("*.safetensors"))
-    AutoModelForCausalLM.from_pretrained(run_dir / "generator")
-    st = SentenceTransformer(str(run_dir / "retriever"), device="cpu")
-    index = faiss.read_index(str(run_dir / "index" / "index.faiss"))
+    assert any((run_dir / "final" / "generator").glob("*.safetensors"))
+    AutoModelForCausalLM.from_pretrained(run_dir / "final" / "generator")
+    st = SentenceTransformer(str(run_dir / "final" / "retriever"), device="cpu")
+    index = faiss.read_index(str(run_dir / "final" / "index" / "index.faiss"))
     assert index.ntotal == len((run_dir / "passages.jsonl").read_text().splitlines())
-    manifest = json.loads((run_dir / "index" / "manifest.json").read_text())
-    assert manifest["version"] == 1 and manifest["retriever"] == str((run_dir / "retriever").resolve())
+    manifest = json.loads((run_dir / "final" / "index" / "manifest.json").read_text())
+    assert manifest["version"] == 1 and manifest["retriever"] == str((run_dir / "final" / "retriever").resolve())
     # the refreshed index holds the trained retriever's passage vectors
     from cozyrag_lib.index import PassageIndex, passage_texts
 
-    pidx = PassageIndex.load(run_dir / "index", run_dir / "passages.jsonl", retriever=str(run_dir / "retriever"))
+    pidx = PassageIndex.load(run_dir / "final" / "index", run_dir / "passages.jsonl", retriever=str(run_dir / "final" / "retriever"))
     np.testing.assert_allclose(st.encode(passage_texts(pidx.passages[:3]), normalize_embeddings=True),
                                pidx.embeddings[:3], atol=1e-4)
     assert json.loads((run_dir / "train.config.json").read_text())["run_name"] == "one"
@@ -363,7 +363,7 @@ def test_two_torchrun_processes_follow_the_one_process_curve(stages, single_run)
     assert gen_sums[0] == gen_sums[1] and ret_sums[0] == ret_sums[1]
     from transformers import AutoModelForCausalLM
 
-    AutoModelForCausalLM.from_pretrained(run_dir / "generator")
+    AutoModelForCausalLM.from_pretrained(run_dir / "final" / "generator")
 
 
 @pytest.mark.slow
@@ -387,7 +387,7 @@ def test_resume_after_sigkill_ends_with_the_uninterrupted_weights(stages, single
     assert 0 < killed_at < 9
     run_training(stages, name, "--batch_size=4", "--resume")
 
-    ref, got = load_file(single_run / "generator" / "model.safetensors"), load_file(run_dir / "generator" / "model.safetensors")
+    ref, got = load_file(single_run / "final" / "generator" / "model.safetensors"), load_file(run_dir / "final" / "generator" / "model.safetensors")
     assert ref.keys() == got.keys()
     for k in ref:
         assert torch.equal(ref[k], got[k]), k

@@ -1,4 +1,4 @@
-"""Answering: batched generation from prompts, and cleaning what the generator says.
+"""Generation: batched answers from prompts, and cleaning what the generator says.
 
     >>> answers = generate_answers(model, tokenizer, prompts, max_new_tokens=48)   # greedy, stops at EOS or newline
     >>> postprocess_answer("A: Paris<|im_end|>\\nQ: next question")
