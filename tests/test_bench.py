@@ -1,0 +1,138 @@
+"""Benchmarks at tiny sizes: each prints one JSON line with its keys and sane values (no timing asserts)."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from cozyrag_lib import bench
+from cozyrag_lib.errors import CozyError
+
+
+def run_bench(capsys, *args: str) -> dict:
+    """bench.cli(args) in-process; the single JSON line it printed on stdout."""
+    assert bench.cli(list(args)) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1, lines
+    return json.loads(lines[0])
+
+
+def run_args(cfg) -> list[str]:
+    return ["--preset=tiny", f"--out_root={cfg.out_root}", f"--run_name={cfg.run_name}", f"--model_cache={cfg.model_cache}"]
+
+
+def positive(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+# ---- helpers ----------------------------------------------------------------------------------
+
+
+def test_training_flops_counts_body_attention_and_head():
+    shape = {"layers": 2, "width": 4, "vocab": 10, "body_params": 100}
+    # forward: 2*100*3 (weights) + 4*2*4*9 (attention) + 2*4*10*2 (head at 2 positions); training = 3x
+    assert bench.training_flops(shape, [3], head_positions=2) == 3 * (600 + 288 + 160)
+    # two sequences cost their sum; the head term only grows with head positions
+    assert bench.training_flops(shape, [3, 5], 0) == bench.training_flops(shape, [3], 0) + bench.training_flops(shape, [5], 0)
+
+
+def test_flop_shape_leaves_out_embeddings_and_head(tiny_generator):
+    lm, _ = tiny_generator
+    shape = bench.flop_shape(lm)
+    c = lm.config
+    per_layer = 12 * c.n_embd ** 2 + 13 * c.n_embd  # attention + MLP weights and biases, two layer norms
+    assert shape["layers"] == c.n_layer and shape["width"] == c.n_embd and shape["vocab"] == c.vocab_size
+    assert shape["body_params"] == c.n_layer * per_layer + 2 * c.n_embd  # + the final layer norm
+
+
+def test_matmul_peak_is_a_rate():
+    assert positive(bench.matmul_peak(torch.device("cpu"), torch.float32, n=128, repeats=2))
+
+
+def test_pop_options_types_and_errors():
+    opts, rest = bench.pop_options(["--steps=3", "--noise=0.5", "--style=ours", "--top_k=2"],
+                                   {"steps": 20, "noise": 1.0, "style": "both"})
+    assert opts == {"steps": 3, "noise": 0.5, "style": "ours"} and rest == ["--top_k=2"]
+    with pytest.raises(CozyError, match="--steps='x' is not an integer"):
+        bench.pop_options(["--steps=x"], {"steps": 20})
+    with pytest.raises(CozyError, match="must not be negative"):
+        bench.pop_options(["--noise=-1"], {"noise": 1.0})
+
+
+def test_scale_vectors_are_unit_noisy_copies():
+    base = np.eye(4, dtype=np.float32)
+    x = bench.scale_vectors(base, 10, noise=0.1, seed=0)
+    assert x.shape == (10, 4)
+    np.testing.assert_allclose(np.linalg.norm(x, axis=1), 1.0, atol=1e-5)
+    assert (x.argmax(1) == np.arange(10) % 4).all()  # small noise: each copy stays nearest its source
+    np.testing.assert_array_equal(x, bench.scale_vectors(base, 10, noise=0.1, seed=0))  # seeded
+    assert bench.recall_at(np.array([[1, 2], [3, -1]]), np.array([[2, 1], [3, 4]])) == 0.75
+
+
+def test_per_sample_argmax_penalties_are_constants(tiny_run, tiny_generator):
+    """The per-sample step's penalties come from argmax tokens: a float, no gradient (what it stands for)."""
+    lm, tok = tiny_generator
+    step = bench.PerSampleStep(tiny_run, lm, tok, retriever=None, pindex=None, autocast=None)
+    items = [{"question": "Who was Ann?", "answers": ["a painter"]}, {"question": "What is X?", "answers": ["a thing"]}]
+    batch = step.batch(items, ["Ann was a painter.", ""])
+    assert batch["input_ids"].shape == (2, tiny_run.max_length)  # padded to max_length, whatever the length
+    assert int(batch["attention_mask"].sum()) == sum(end for _, end in batch["spans"])
+    assert (batch["labels"] != -100).sum() == sum(end - start for start, end in batch["spans"])
+    logits = torch.randn(2, tiny_run.max_length, lm.config.vocab_size, requires_grad=True)
+    pen = step.argmax_penalties(logits, batch)
+    assert isinstance(pen, float) and pen >= 0
+
+
+# ---- the benchmarks ---------------------------------------------------------------------------
+
+
+def test_bench_train_reports_both_styles(tiny_run, capsys):
+    r = run_bench(capsys, "train", *run_args(tiny_run), "--generator=tiny:gpt2", "--steps=2", "--threads=1")
+    for key in ("samples_per_s", "tokens_per_s", "original_samples_per_s", "original_tokens_per_s", "ratio", "mfu",
+                "original_mfu", "mfu_model_step", "original_mfu_processed", "peak_flops"):
+        assert positive(r[key]), key
+    assert r["mfu"] < 1.0 and r["original_mfu"] < 1.0
+    assert r["samples"] == r["original_samples"] == 2 * tiny_run.batch_size
+    assert r["real_tokens"] > 0 and r["original_real_tokens"] > 0
+    # the per-sample step pads to max_length, ours to the longest in the batch
+    assert 0 <= r["padding_fraction"] < r["original_padding_fraction"] < 1
+    assert 0 < r["retrieval_share"] < 1 and 0 < r["original_retrieval_share"] < 1
+    assert set(r["seconds"]) == {"retrieval", "batch", "forward_backward", "optimizer"}
+    assert r["source"] == str(tiny_run.run_dir) and r["steps"] == 2 and r["threads"] == 1
+    assert r["settings"]["top_k"] == tiny_run.top_k
+
+
+def test_bench_train_rejects_bad_options(tiny_run):
+    with pytest.raises(CozyError, match="--style must be both or ours"):
+        bench.cli(["train", *run_args(tiny_run), "--style=fast"])
+    with pytest.raises(CozyError, match="--steps must be at least 1"):
+        bench.cli(["train", *run_args(tiny_run), "--steps=0"])
+
+
+def test_bench_ask_reports_latency_percentiles(tiny_run, capsys):
+    r = run_bench(capsys, "ask", *run_args(tiny_run), "--questions=3", "--warmup=1", "--threads=1")
+    assert r["questions"] == 3 and r["run"] == f"base:{tiny_run.run_name}"
+    for key in ("p50_s", "p95_s", "mean_s", "retrieve_s", "context_s", "generate_s"):
+        assert positive(r[key]), key
+    assert r["p50_s"] <= r["p95_s"]
+    assert r["retrieve_s"] + r["context_s"] + r["generate_s"] <= r["mean_s"] * 1.05
+
+
+def test_bench_scale_small(tiny_run, capsys):
+    r = run_bench(capsys, "scale", *run_args(tiny_run), "--n=20000", "--queries=40", "--nprobes=4,16",
+                  "--k_factors=4", "--train=8192", "--threads=1")
+    assert r["n"] == 20000 and r["dim"] == 384 and r["factory"] == "IVF128,PQ48,Refine(Flat)"
+    assert "embeddings.npy tiled" in r["vectors"]
+    assert r["ivfpq_bytes"] < r["index_bytes"] and r["flat_bytes"] == 20000 * 384 * 4
+    for key in ("build_s", "rss_bytes", "peak_rss_bytes", "flat_ms_per_query", "ms_per_query"):
+        assert positive(r[key]), key
+    rows = {(s["nprobe"], s["k_factor"]): s for s in r["search"]}
+    assert set(rows) == {(4, 0), (4, 4), (16, 0), (16, 4)}
+    for s in r["search"]:
+        assert 0 < s["recall_at_10"] <= 1 and s["ms_per_query"] > 0
+    # re-ranking with the stored vectors never loses recall against the PQ codes alone
+    assert rows[(16, 4)]["recall_at_10"] >= rows[(16, 0)]["recall_at_10"]
+    assert r["recall_at_10"] == r["best"]["recall_at_10"]
