@@ -47,9 +47,29 @@ def setup(device: str = "auto") -> torch.device:
     if use_cuda:
         torch.cuda.set_device(dev)
     if launched_by_torchrun() and not is_distributed():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo",
-                                timeout=datetime.timedelta(minutes=int(os.environ.get("COZYRAG_DIST_TIMEOUT_MIN", 30))))
+        timeout = datetime.timedelta(minutes=int(os.environ.get("COZYRAG_DIST_TIMEOUT_MIN", 30)))
+        store = _restart_store(timeout)
+        kw = {} if store is None else {"store": store, "rank": int(os.environ["RANK"]),
+                                       "world_size": int(os.environ["WORLD_SIZE"])}
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=timeout, **kw)
     return dev
+
+
+def _restart_store(timeout: datetime.timedelta):
+    """torchrun's store under a fresh key prefix when `--max-restarts` has restarted this node's workers, else None.
+
+    torchrun keeps one rendezvous store for all attempts, so a restarted group would read the addresses of the
+    attempt that died and fail with "Connection refused". On one node every worker shares the restart count,
+    which makes a safe prefix; across nodes the counts can differ, so there launch torchrun with
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (a fresh store per attempt) instead.
+    """
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    one_node = os.environ.get("LOCAL_WORLD_SIZE") == os.environ.get("WORLD_SIZE")
+    if restart == "0" or not one_node or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), int(os.environ["WORLD_SIZE"]),
+                          is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"cozyrag/restart-{restart}/", store)
 
 
 def cleanup() -> None:

@@ -131,9 +131,11 @@ def cli(argv: list[str]) -> int:
     p.add_argument("--out", default=None, help="summary JSON path (default RUN/eval/<mode>-<qa name>.json)")
     args = p.parse_args(argv)
     if args.top_k is not None and args.top_k <= 0:
-        raise CozyError(f"--top-k must be positive, got {args.top_k}")
-    if args.limit < 0 or args.batch_size <= 0:
-        raise CozyError("--limit must be >= 0 and --batch-size positive")
+        raise CozyError(f"evaluate: --top-k must be positive, got {args.top_k}")
+    if args.limit < 0:
+        raise CozyError(f"evaluate: --limit must not be negative, got {args.limit}")
+    if args.batch_size <= 0:
+        raise CozyError(f"evaluate: --batch-size must be positive, got {args.batch_size}")
     from .qa import load_qa_file
     from .rag import RAG, resolve_run
 

@@ -17,6 +17,8 @@ import importlib.util
 import os
 from pathlib import Path
 
+from safetensors import SafetensorError
+
 from .errors import CozyError
 
 EMBEDDED_GENERATOR = "embedded:smollm2-135m-instruct"
@@ -97,8 +99,8 @@ def load_generator(spec: str, cache_dir: str | Path = "data/models", trust_remot
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except OSError as e:
-        raise CozyError(f"generator '{spec}': cannot load ({str(e).splitlines()[0]})") from None
+    except (OSError, ValueError, SafetensorError) as e:  # missing, truncated or corrupt files
+        raise _load_error("generator", spec, path, e) from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return model, tok
@@ -117,8 +119,31 @@ def load_retriever(spec: str, device: str | None = None, trust_remote_code: bool
         raise CozyError(f"{spec}: retriever folder not found")
     try:
         return SentenceTransformer(path, device=device, trust_remote_code=trust_remote_code)
-    except OSError as e:
-        raise CozyError(f"retriever '{spec}': cannot load ({str(e).splitlines()[0]})") from None
+    except (OSError, ValueError, SafetensorError) as e:  # missing, truncated or corrupt files
+        raise _load_error("retriever", spec, path, e) from None
+
+
+def _load_error(role: str, spec: str, path: str, e: Exception) -> CozyError:
+    """A one-line error for a model that would not load, naming the damaged weights file when there is one."""
+    reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    broken = _damaged_safetensors(path)
+    if broken is not None:
+        return CozyError(f"{broken}: damaged {role} weights ({reason}); copy the folder again or retrain")
+    return CozyError(f"{role} '{spec}': cannot load ({reason})")
+
+
+def _damaged_safetensors(folder: str | Path) -> Path | None:
+    """The first *.safetensors file under `folder` whose header does not match its size (truncated), or None."""
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    for f in sorted(folder.rglob("*.safetensors")) if folder.is_dir() else []:
+        try:
+            with safe_open(str(f), framework="pt"):
+                pass
+        except Exception:  # noqa: BLE001  (SafetensorError, OSError: any reason it will not open)
+            return f
+    return None
 
 
 def retriever_identity(spec: str) -> str:

@@ -39,7 +39,8 @@ def resolve_run(run: str | Path, out_root: str = "outputs/runs") -> tuple[Path, 
     if not path.is_dir() and (Path(out_root) / spec).is_dir():
         path = Path(out_root) / spec
     if not path.is_dir():
-        raise CozyError(f"run '{spec}': no such run folder (looked at {spec} and {Path(out_root) / spec})")
+        looked = dict.fromkeys([spec, str(Path(out_root) / spec)])  # one place when spec is an absolute path
+        raise CozyError(f"run '{spec}': no such run folder (looked at {' and '.join(looked)})")
     return path, base
 
 
@@ -52,8 +53,13 @@ def run_config(run_dir: Path, **overrides: Any) -> Config:
                 values = json.loads(path.read_text(encoding="utf-8"))
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise CozyError(f"{path}: not a valid config file ({e})") from None
+            if not isinstance(values, dict):
+                raise CozyError(f"{path}: not a valid config file (expected a JSON object)")
             values.update(out_root=str(run_dir.parent), run_name=run_dir.name)
-            return load_config(None, {**values, **overrides})
+            try:
+                return load_config(None, {**values, **overrides})
+            except CozyError as e:  # an edited file, or one from another version: say which file
+                raise CozyError(f"{path}: {str(e).removeprefix('override: ')}") from None
     raise CozyError(f"{run_dir}: no config.json from any stage; is this a CoZyRAG run folder?")
 
 
@@ -119,7 +125,7 @@ class RAG:
         context_sentences (the sentences given to the generator, best first), context (the text as
         prompted), timings {retrieve_s, context_s, generate_s, total_s} (per question: batch time / n).
         """
-        from .answer import generate_answers
+        from .generate import generate_answers
         from .retrieval import CHAT, format_prompt, rank_sentences, retrieve, truncate_tokens
 
         if mode not in MODES:
@@ -127,7 +133,7 @@ class RAG:
         if not questions or any(not isinstance(q, str) or not q.strip() for q in questions):
             raise CozyError("questions must be non-empty text")
         cfg, n = self.cfg, len(questions)
-        k = top_k or cfg.top_k
+        k = cfg.top_k if top_k is None else top_k  # 0 is an error, not "the default"
         if k <= 0:
             raise CozyError(f"top_k must be positive, got {k}")
         t0 = time.perf_counter()
@@ -217,6 +223,11 @@ def cli(argv: list[str]) -> int:
     p.add_argument("--device", choices=["cpu", "cuda"], default=None)
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     args = p.parse_args(argv)
+    if args.top_k is not None and args.top_k <= 0:  # checked before the models load (seconds)
+        raise CozyError(f"ask: --top-k must be positive, got {args.top_k}")
+    for i, q in enumerate(args.question, 1):
+        if not q.strip():
+            raise CozyError(f"ask: question {i} is empty")
     rag = RAG.load(args.run, device=args.device)
     for out in rag.answer_batch(args.question, args.top_k, args.mode):
         print(json.dumps(out, default=float) if args.json else format_answer(out) + "\n")

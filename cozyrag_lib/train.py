@@ -41,6 +41,7 @@ import contextlib
 import json
 import math
 import os
+import pickle
 import random
 import sys
 import time
@@ -675,6 +676,18 @@ def save_checkpoint(run: Run) -> None:
     distributed.barrier()
 
 
+def read_checkpoint_file(path: Path, **kw) -> Any:
+    """One file of a checkpoint (JSON, or torch.load with weights only); a missing or damaged one is a CozyError."""
+    try:
+        if path.suffix == ".json":
+            return json.loads(path.read_text(encoding="utf-8"))
+        return torch.load(path, weights_only=True, **kw)
+    except (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError) as e:  # cut short, edited, not ours
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0]
+        raise CozyError(f"{path}: damaged checkpoint ({reason}); restore it, or delete {path.parent} "
+                        "to train from the start") from None
+
+
 def find_checkpoint(run_dir: Path) -> Path | None:
     """checkpoints/last, or the copy atomic_dir keeps for an instant while swapping a new one in."""
     for p in (run_dir / CHECKPOINT, run_dir / "checkpoints" / ".last.old"):
@@ -734,13 +747,14 @@ def setup_run(cfg: Config, device: torch.device, resume: bool) -> Run:
     if resume and ckpt is None and distributed.is_main_process():
         print(f"note: --resume but no checkpoint in {rd / CHECKPOINT}; starting from the beginning", file=sys.stderr)
     if ckpt is not None:
-        saved = json.loads((ckpt / "config.json").read_text(encoding="utf-8"))
+        saved = read_checkpoint_file(ckpt / "config.json")
         changed = sorted(k for k, v in cfg.to_dict().items() if saved.get(k) != v and k not in ("debug", "device"))
         if changed and distributed.is_main_process():
             print(f"note: resuming with config values that differ from the checkpoint's: {', '.join(changed)}",
                   file=sys.stderr)
 
     items = load_train_items(cfg)
+    plan_phases(cfg, len(items), world)  # a batch larger than the data fails now, not after loading the models
     val_items = read_qa(rd / "qa" / "validation.jsonl")
     val_items = val_items[:cfg.max_val_qa] if cfg.max_val_qa else val_items
     torch.manual_seed(cfg.seed)  # identical initial weights wherever something is initialised at random
@@ -758,7 +772,7 @@ def setup_run(cfg: Config, device: torch.device, resume: bool) -> Run:
                                expected_dim=embedding_dim(retriever))
     state = new_state(int(pindex.manifest.get("version", 0)))
     if ckpt:
-        state.update(torch.load(ckpt / "state.pt", weights_only=True))
+        state.update(read_checkpoint_file(ckpt / "state.pt"))
         if (ckpt / "embeddings.npy").is_file():  # the refreshed index the run had reached
             pindex.embeddings = np.load(ckpt / "embeddings.npy")
             pindex.index = make_faiss_index(pindex.embeddings, cfg.index_factory, cfg.nprobe, cfg.ef_search)
@@ -774,7 +788,7 @@ def setup_run(cfg: Config, device: torch.device, resume: bool) -> Run:
     opt_g = torch.optim.AdamW(generator.parameters(), lr=cfg.lr_generator, weight_decay=cfg.weight_decay)
     opt_r = torch.optim.AdamW(retriever.parameters(), lr=cfg.lr_retriever, weight_decay=cfg.weight_decay)
     if ckpt:
-        opts = torch.load(ckpt / "optimizers.pt", weights_only=True, map_location=device)
+        opts = read_checkpoint_file(ckpt / "optimizers.pt", map_location=device)
         opt_g.load_state_dict(opts["generator"])
         opt_r.load_state_dict(opts["retriever"])
 
@@ -785,7 +799,7 @@ def setup_run(cfg: Config, device: torch.device, resume: bool) -> Run:
               plan=plan_phases(cfg, len(items), world), state=state)
     run.sentence_cache = SentenceCache(passage_encoder, cfg.embed_batch_size, version=state["ret_step"])
     if ckpt:
-        data = json.loads((ckpt / "phase_data.json").read_text(encoding="utf-8"))
+        data = read_checkpoint_file(ckpt / "phase_data.json")
         run.phase_data = data if data and data.get("phase_index") == state["phase_index"] else None
         rngs = state.pop("rng")
         state.pop("weight_checksums", None)
