@@ -439,29 +439,17 @@ def test_torchrun_rank_death_ends_cleanly_and_max_restarts_resumes(tiny_run, tmp
            str(script), "--preset=tiny", f"--out_root={run.parent}", f"--model_cache={tiny_run.model_cache}",
            "--phases=generator", "--max_steps_per_phase=4", "--checkpoint_every=2", "--eval_every=100",
            "--max_val_qa=4", "--batch_size=2", "--resume"]  # --resume: a restarted worker continues from the checkpoint
-    # a timeout, not a hang: the launcher must notice the dead rank, stop the other one and restart both
+    # a timeout, not a hang: the launcher must notice the dead rank, stop the other one (blocked in a collective)
+    # and start both again; without --max-restarts that same teardown ends the job with a non-zero status
     r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=420)
     assert marker.exists(), "the fault was never injected"
     assert r.returncode == 0, r.stderr[-4000:]
-    assert "from the beginning" in r.stderr  # the first attempt found no checkpoint ...
+    # the first attempt found no checkpoint, the second did (or it would say so again) and went on from step 2
+    assert r.stderr.count("starting from the beginning") == 1, r.stderr[-4000:]
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [x["step"] for x in rows if "loss" in x] == [1, 2, 3, 4]  # ... the second went on from step 2, once
+    assert [x["step"] for x in rows if "loss" in x] == [1, 2, 3, 4]  # every step logged once
     state = torch.load(run / "checkpoints" / "last" / "state.pt", weights_only=True)
     assert state["step"] == 4 and len(state["rng"]) == 2
-
-
-@pytest.mark.slow
-def test_torchrun_rank_death_without_restarts_fails_fast_and_keeps_the_checkpoint(tiny_run, tmp_path):
-    run = copy_run(tiny_run, tmp_path)
-    marker = tmp_path / "died"
-    script = write(tmp_path / "faulty_train.py", FAULTY_TRAIN.format(step=2, marker=str(marker)))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
-           "--preset=tiny", f"--out_root={run.parent}", f"--model_cache={tiny_run.model_cache}", "--phases=generator",
-           "--max_steps_per_phase=4", "--checkpoint_every=2", "--eval_every=100", "--max_val_qa=4", "--batch_size=2"]
-    r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
-    assert marker.exists() and r.returncode != 0, r.stderr[-3000:]
-    state = torch.load(run / "checkpoints" / "last" / "state.pt", weights_only=True)  # whole, loadable
-    assert state["step"] == 2
 
 
 # ----------------------------------------------------------------------------------------------
