@@ -18,10 +18,13 @@ initialised GPT-2 of distilgpt2's shape with SmolLM2's tokenizer; `--generator=S
 MFU = model FLOPs (`training_flops`, real tokens only) / seconds / the matmul peak measured in the
 same run in the training's dtype (`matmul_peak`). The run's QA, passages and index are used; a run
 without them is replaced by a small one (500 articles) built once under the temporary folder.
-Options: `--steps=20`, `--warmup=1`, `--style=both|ours`, `--generator=SPEC`.
+The original's settings apply unless given (`ORIGINAL_SETTINGS`: top_k 4, 10 sentences, 128-token
+context, batch 4, lr 5e-5). Options: `--steps=20`, `--warmup=1`, `--style=both|ours`,
+`--generator=SPEC`, `--fused_adamw=1` (ours with torch's fused AdamW).
 
 `ask`: p50 / p95 latency of one-question `RAG.answer` calls on the run's questions, with the mean
-retrieve / context / generate split. Options: `--questions=50`, `--warmup=2`.
+retrieve / context / generate split. Options: `--questions=50`, `--warmup=2`, `--autocast=1` (each call
+under bf16 autocast).
 
 `scale`: an IVF-PQ index (default `IVF{~sqrt(n)},PQ48,Refine(Flat)`) over `--n` vectors (the run's
 passage embeddings tiled with Gaussian noise): build time, index bytes, RSS, recall@10 against exact
@@ -308,6 +311,9 @@ def run_with_stages(cfg, fallback_articles: int = 0):
 # train: our generator phase against the per-sample loop it replaced, on the same questions
 
 DISTILGPT2 = "bench:distilgpt2"  # distilgpt2's shape (6 layers, 768 wide, 12 heads, 50,257 tokens), random weights
+# the training settings of the project CoZyRAG grew from; a command-line value wins
+ORIGINAL_SETTINGS = {"top_k": 4, "train_max_sentences": 10, "context_tokens": 128, "max_length": 256, "batch_size": 4,
+                     "grad_accum": 1, "lr_generator": 5e-5}
 
 
 def bench_generator(spec: str, cfg):
@@ -322,7 +328,10 @@ def bench_generator(spec: str, cfg):
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     torch.manual_seed(cfg.seed)
+    # activation: GPT-2's tanh GELU as torch's one fused kernel ("gelu_new" is the same function in eight
+    # elementwise ops forward and more backward, ~10% of a CPU step); dropout stays at GPT-2's 0.1
     config = GPT2Config(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=6, n_head=12,
+                        activation_function="gelu_pytorch_tanh",
                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     config._attn_implementation = "sdpa"  # fused attention (flash / memory-efficient kernels on GPUs)
     return GPT2LMHeadModel(config), tok
@@ -492,12 +501,16 @@ def bench_train(args: list[str]) -> dict[str, Any]:
     from .retrieval import SentenceCache
     from .train import AnswerLM, Run, load_train_items, new_state, prepare_phase
 
-    opts, rest = pop_options(args, {"steps": 20, "warmup": 1, "style": "both", "generator": DISTILGPT2})
+    from .config import parse_cli_overrides
+
+    opts, rest = pop_options(args, {"steps": 20, "warmup": 1, "style": "both", "generator": DISTILGPT2,
+                                    "fused_adamw": 0})
     if opts["style"] not in ("both", "ours"):
         raise CozyError(f"bench train: --style must be both or ours, got {opts['style']!r}")
     if opts["steps"] < 1:
         raise CozyError("bench train: --steps must be at least 1")
-    cfg = bench_config(rest)
+    given = parse_cli_overrides(rest)[1]
+    cfg = dataclasses.replace(bench_config(rest), **{k: v for k, v in ORIGINAL_SETTINGS.items() if k not in given})
     if not any(a.startswith("--precision=") for a in rest) and cfg.device != "cpu" and torch.cuda.is_available():
         cfg = dataclasses.replace(cfg, precision="bf16")  # on GPUs bf16 autocast unless asked otherwise
     device = distributed.setup(cfg.device)
@@ -514,7 +527,9 @@ def bench_train(args: list[str]) -> dict[str, Any]:
     other = copy.deepcopy(lm) if opts["style"] == "both" else None  # the same initial weights
     run = Run(cfg=cfg, device=device, generator=lm, tokenizer=tok, retriever=retriever, passage_encoder=retriever,
               gen_model=AnswerLM(lm), ret_model=None,
-              opt_generator=torch.optim.AdamW(lm.parameters(), lr=cfg.lr_generator, weight_decay=cfg.weight_decay),
+              # as setup_run builds it; --fused_adamw=1: one fused kernel for all parameters instead of ~10 per tensor
+              opt_generator=torch.optim.AdamW(lm.parameters(), lr=cfg.lr_generator, weight_decay=cfg.weight_decay,
+                                              **({"fused": True} if opts["fused_adamw"] else {})),
               opt_retriever=None, loss_fn=GeneratorLoss.from_config(cfg, keyword_ignore_ids=stopword_token_ids(tok)),
               pindex=pindex, items=items, gold=[], val_items=[], plan=[("generator", len(timed))], state=new_state(0))
     run.sentence_cache = SentenceCache(retriever, cfg.embed_batch_size)
@@ -576,8 +591,8 @@ def bench_train(args: list[str]) -> dict[str, Any]:
                    "flop_count": "3 x (2 x non-embedding params x real tokens + 4 x layers x width x T^2 per sequence "
                                  "+ 2 x width x vocab x answer positions); *_mfu_processed counts every padded "
                                  "position, and the LM head wherever it ran (all positions in the original)",
-                   "settings": {k: getattr(cfg, k) for k in ("top_k", "train_max_sentences", "context_tokens",
-                                                            "max_length", "lr_generator", "grad_clip")}})
+                   "fused_adamw": bool(opts["fused_adamw"]),
+                   "settings": {k: getattr(cfg, k) for k in (*ORIGINAL_SETTINGS, "grad_clip")}})
     return result
 
 
@@ -608,7 +623,7 @@ def bench_ask(args: list[str]) -> dict[str, Any]:
     from .config import load_config, parse_cli_overrides
     from .rag import RAG, TRAINED
 
-    opts, rest = pop_options(args, {"questions": 50, "warmup": 2})
+    opts, rest = pop_options(args, {"questions": 50, "warmup": 2, "autocast": 0})
     if opts["questions"] < 1:
         raise CozyError("bench ask: --questions must be at least 1")
     preset, overrides = parse_cli_overrides(rest)
@@ -620,12 +635,19 @@ def bench_ask(args: list[str]) -> dict[str, Any]:
     if len(questions) <= opts["warmup"]:
         raise CozyError(f"bench ask: {cfg.run_dir / 'qa'} has {len(questions)} questions, need more than "
                         f"--warmup={opts['warmup']}")
+    device = next(rag.generator.parameters()).device
+
+    def answer(q: str) -> dict:
+        # --autocast=1: the call under bf16 autocast (what answering gains on GPUs and AMX CPUs)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(opts["autocast"])):
+            return rag.answer(q)
+
     for q in questions[:opts["warmup"]]:  # thread pools, allocator, kernel choice
-        rag.answer(q)
+        answer(q)
     wall, parts, words, tokens = [], {"retrieve_s": [], "context_s": [], "generate_s": []}, [], []
     for q in tqdm(questions[opts["warmup"]:], desc="bench ask", unit="question"):
         t0 = time.perf_counter()
-        out = rag.answer(q)
+        out = answer(q)
         wall.append(time.perf_counter() - t0)
         for k in parts:
             parts[k].append(out["timings"][k])
@@ -637,7 +659,8 @@ def bench_ask(args: list[str]) -> dict[str, Any]:
             **{k: round(float(np.mean(v)), 4) for k, v in parts.items()},
             "answer_words_mean": round(float(np.mean(words)), 2), "answer_tokens_mean": round(float(np.mean(tokens)), 2),
             "top_k": rag.cfg.top_k, "max_new_tokens": rag.cfg.max_new_tokens, "index_factory": rag.pindex.manifest.get(
-                "index_factory"), "passages": len(rag.pindex), "device": device_name(next(rag.generator.parameters()).device)}
+                "index_factory"), "passages": len(rag.pindex), "device": device_name(device),
+            "autocast": "bf16" if opts["autocast"] else "off"}
 
 
 # ----------------------------------------------------------------------------------------------
