@@ -6,7 +6,7 @@ The stages, each a function of one `Config` (see `config.py`) that writes named 
     chunk_corpus(cfg)    -> passages.jsonl
     build_index(cfg)     -> index/ (FAISS + embeddings + manifest)
     cozyrag_lib.train    -> final/{generator,retriever,index}, metrics.jsonl  (python -m / torchrun)
-    RAG.load(run).answer(question), evaluate(rag, items)
+    RAG.load(run).answer(question), cozyrag_lib.evaluate.evaluate(rag, items)
 
 Names are imported on first use, so `python -m cozyrag_lib` and the config stay quick to load.
 """
@@ -16,7 +16,7 @@ from .config import Config, load_config, notebook_config
 from .errors import CozyError
 
 _LAZY = {
-    "chunk_corpus": "chunking", "read_passages": "chunking", "evaluate": "evaluate", "PassageIndex": "index",
+    "chunk_corpus": "chunking", "read_passages": "chunking", "PassageIndex": "index",
     "build_index": "index", "load_generator": "models", "load_retriever": "models", "load_qa_file": "qa",
     "prepare_qa": "qa", "read_qa": "qa", "RAG": "rag", "answer": "rag",
 }

@@ -4,8 +4,8 @@ import json
 import pytest
 
 from conftest import run_cli
-from cozyrag_lib import CozyError, RAG, evaluate, read_qa
-from cozyrag_lib.evaluate import recall_at_ks, write_results
+from cozyrag_lib import CozyError, RAG, read_qa
+from cozyrag_lib.evaluate import evaluate, recall_at_ks, write_results
 from cozyrag_lib.rag import resolve_run
 
 
