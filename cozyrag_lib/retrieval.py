@@ -255,7 +255,11 @@ def collate(examples: list[dict], pad_id: int, eos_id: int) -> dict:
 
 
 def to_device(batch: dict, device) -> dict:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    """The batch's tensors on `device`. To a GPU they go through pinned (page-locked) memory: only from
+    there is a non_blocking copy asynchronous, so it overlaps with the GPU's work on the previous step."""
+    pin = torch.device(device).type == "cuda"
+    return {k: (v.pin_memory() if pin else v).to(device, non_blocking=True) if torch.is_tensor(v) else v
+            for k, v in batch.items()}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -136,3 +136,19 @@ def test_bench_scale_small(tiny_run, capsys):
     # re-ranking with the stored vectors never loses recall against the PQ codes alone
     assert rows[(16, 4)]["recall_at_10"] >= rows[(16, 0)]["recall_at_10"]
     assert r["recall_at_10"] == r["best"]["recall_at_10"]
+
+
+# ---- device copies ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no GPU: the pinned-memory path is GPU-only"))])
+def test_to_device_moves_tensors_and_keeps_the_rest(device):
+    from cozyrag_lib.retrieval import to_device
+
+    batch = {"input_ids": torch.arange(6).reshape(2, 3), "mask": torch.ones(2, 3, dtype=torch.bool), "eos_id": 2}
+    out = to_device(batch, device)
+    assert out["eos_id"] == 2 and out["input_ids"].device.type == device
+    if device == "cuda":
+        torch.cuda.synchronize()
+    assert torch.equal(out["input_ids"].cpu(), batch["input_ids"]) and out["mask"].dtype == torch.bool
