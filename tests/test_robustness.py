@@ -26,7 +26,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -179,7 +178,8 @@ CASES = [
     Case("qa-tsv-blank-questions", ["prepare-qa", *T, "--qa_sources={tmp}/blank.tsv"],
          lambda r, t, c: write(t / "blank.tsv", "   \tShakespeare\n\t\tParis\n"), ["blank.tsv", "empty question"]),
     Case("qa-jsonl-blank-answers", ["prepare-qa", *T, "--qa_sources={tmp}/blank.jsonl"],
-         lambda r, t, c: write(t / "blank.jsonl", '{"question": "Who?", "answer": "  "}\n{"question": "Q?", "answers": []}\n'),
+         lambda r, t, c: write(t / "blank.jsonl", '{"question": "Who?", "answer": "  "}\n'
+                                                  '{"question": "Q?", "answers": []}\n'),
          ["blank.jsonl", "empty answer"]),
     Case("qa-huge-line", ["prepare-qa", *T, "--qa_sources={tmp}/huge.tsv"],
          lambda r, t, c: write(t / "huge.tsv", "Why? " * 20_000 + "\tbecause\n"), ["huge.tsv", "line too long"]),
@@ -200,7 +200,8 @@ CASES = [
          lambda r, t, c: bz2_cut(t / "extracted"), ["wiki_00.bz2", "cannot read (Compressed file ended"],
          subprocess=True),
     Case("chunk-binary-jsonl", ["chunk", *T, "--corpus_sources={tmp}/image.jsonl"],
-         lambda r, t, c: write(t / "image.jsonl", b"\x89PNG\r\n\x1a\n" + bytes(range(256))), ["image.jsonl:1", "not UTF-8"]),
+         lambda r, t, c: write(t / "image.jsonl", b"\x89PNG\r\n\x1a\n" + bytes(range(256))),
+         ["image.jsonl:1", "not UTF-8"]),
     Case("chunk-retriever-missing", ["chunk", *T, "--retriever={tmp}/no-retriever"], nothing,
          ["no-retriever", "retriever folder not found"]),
     # --- index ------------------------------------------------------------------------------------------------
@@ -270,11 +271,12 @@ CASES = [
          ["final/", "no trained model"]),
     Case("evaluate-qa-not-squad", ["evaluate", "--run", "base:{run}", "--qa", "{tmp}/dev.json"],
          lambda r, t, c: write(t / "dev.json", '{"version": "1.1", "questions": []}'), ["dev.json", "'data' missing"]),
-    Case("evaluate-qa-wrong-format", ["evaluate", "--run", "base:{run}", "--qa", "{run}/qa/test.jsonl", "--format", "tsv"],
-         nothing, ["test.jsonl", "no usable QA pairs in this tsv file"]),
+    Case("evaluate-qa-wrong-format", [*EVAL, "--format", "tsv"], nothing,
+         ["test.jsonl", "no usable QA pairs in this tsv file"]),
     Case("evaluate-negative-limit", [*EVAL, "--limit", "-1"], nothing, ["--limit", "must not be negative, got -1"]),
     Case("evaluate-corpus-truncated", [*EVAL, "--corpus", "{tmp}/cut.jsonl"],
-         lambda r, t, c: write(t / "cut.jsonl", (r / "passages.jsonl").read_bytes()[:5000]), ["cut.jsonl:", "not valid JSON"]),
+         lambda r, t, c: write(t / "cut.jsonl", (r / "passages.jsonl").read_bytes()[:5000]),
+         ["cut.jsonl:", "not valid JSON"]),
     # --- bench ------------------------------------------------------------------------------------------------
     Case("bench-unknown", ["bench", "indx"], nothing, ["indx", "unknown benchmark"]),
     Case("bench-option-not-a-number", ["bench", "index", *T, "--max_passages=many"], nothing,
@@ -282,6 +284,7 @@ CASES = [
     Case("bench-passages-truncated", ["bench", "index", *T], lambda r, t, c: truncate(r / "passages.jsonl"),
          ["passages.jsonl:", "not valid JSON"]),
 ]
+
 
 def test_the_catalogue_is_large_and_covers_every_command():
     assert len(CASES) >= 30 and len({c.id for c in CASES}) == len(CASES)
@@ -522,8 +525,8 @@ def test_tiny_pipeline_runs_with_the_network_blocked(tmp_path, model_cache):
         env.pop(k, None)
 
     # the block works: a real request fails in the same environment
-    probe = subprocess.run([sys.executable, "-c", "import urllib.request; urllib.request.urlopen('http://example.com', timeout=5)"],
-                           env=env, capture_output=True, text=True, timeout=60)
+    fetch = "import urllib.request; urllib.request.urlopen('http://example.com', timeout=5)"
+    probe = subprocess.run([sys.executable, "-c", fetch], env=env, capture_output=True, text=True, timeout=60)
     assert probe.returncode != 0 and "blocked in this test" in probe.stderr, probe.stderr[-2000:]
     log.unlink()
 
@@ -534,7 +537,8 @@ def test_tiny_pipeline_runs_with_the_network_blocked(tmp_path, model_cache):
              ["ask", "--run", str(run), "Who was Ada Lovelace?"]]
     driver = "import sys\nfrom cozyrag_lib.__main__ import main\nfor argv in %r:\n    if main(argv):\n" \
              "        sys.exit(f'{argv[0]} failed')\n" % steps  # one process: the imports are paid once
-    r = subprocess.run([sys.executable, "-c", driver], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    r = subprocess.run([sys.executable, "-c", driver], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "A: " in r.stdout  # the trained run answered
     notes = log.read_text().splitlines()
