@@ -25,8 +25,8 @@ import torch
 
 from .config import Config, load_config
 from .errors import CozyError
+from .train import FINAL as TRAINED  # training writes final/{generator,retriever,index} under the run folder
 
-TRAINED = "final"  # training writes final/{generator,retriever,index} under the run folder
 MODES = ("rag", "closed", "oracle")
 
 
