@@ -456,7 +456,7 @@ class PerSampleStep:
         return total / len(batch["spans"])
 
     def step(self, items: list[dict], watch: Stopwatch) -> dict:
-        with watch("retrieval"):
+        with watch("retrieval"), self.autocast():  # the retriever under the same precision as ours
             contexts = [self.context(it["question"]) for it in items]
         with watch("batch"):
             batch = self.batch(items, contexts)
@@ -495,13 +495,12 @@ def bench_train(args: list[str]) -> dict[str, Any]:
     import copy
 
     from . import distributed
+    from .config import parse_cli_overrides
     from .index import PassageIndex
     from .losses import GeneratorLoss, stopword_token_ids
     from .models import load_retriever
     from .retrieval import SentenceCache
     from .train import AnswerLM, Run, load_train_items, new_state, prepare_phase
-
-    from .config import parse_cli_overrides
 
     opts, rest = pop_options(args, {"steps": 20, "warmup": 1, "style": "both", "generator": DISTILGPT2,
                                     "fused_adamw": 0})
