@@ -18,7 +18,7 @@ from .errors import CozyError
 _LAZY = {
     "chunk_corpus": "chunking", "read_passages": "chunking", "PassageIndex": "index",
     "build_index": "index", "load_generator": "models", "load_retriever": "models", "load_qa_file": "qa",
-    "prepare_qa": "qa", "read_qa": "qa", "RAG": "rag", "answer": "rag",
+    "prepare_qa": "qa", "read_qa": "qa", "seeded_sample": "qa", "RAG": "rag", "answer": "rag",
 }
 
 __all__ = ["Config", "CozyError", "load_config", "notebook_config", *_LAZY]

@@ -20,11 +20,11 @@ same run in the training's dtype (`matmul_peak`). The run's QA, passages and ind
 without them is replaced by a small one (500 articles) built once under the temporary folder.
 The original's settings apply unless given (`ORIGINAL_SETTINGS`: top_k 4, 10 sentences, 128-token
 context, batch 4, lr 5e-5). Options: `--steps=20`, `--warmup=1`, `--style=both|ours`,
-`--generator=SPEC`, `--fused_adamw=1` (ours with torch's fused AdamW).
+`--generator=SPEC`, `--fused_adamw=0` (ours with the per-tensor AdamW instead of training's fused one).
 
 `ask`: p50 / p95 latency of one-question `RAG.answer` calls on the run's questions, with the mean
-retrieve / context / generate split. Options: `--questions=50`, `--warmup=2`, `--autocast=1` (each call
-under bf16 autocast).
+retrieve / context / generate split. Options: `--questions=50`, `--warmup=2`; `--precision=fp32` keeps the
+generator in fp32 where the run's precision would answer in bf16 (see `RAG.load`).
 
 `scale`: an IVF-PQ index (default `IVF{~sqrt(n)},PQ48,Refine(Flat)`) over `--n` vectors (the run's
 passage embeddings tiled with Gaussian noise): build time, index bytes, RSS, recall@10 against exact
@@ -142,7 +142,7 @@ def bench_index(args: list[str]) -> dict[str, Any]:
 
     from . import distributed
     from .index import embed_texts, make_faiss_index, passage_texts
-    from .models import load_retriever
+    from .models import autocast, load_retriever, use_bf16
 
     opts, rest = pop_int_options(args, {"max_passages": 0})
     cfg = bench_config(rest)
@@ -164,6 +164,11 @@ def bench_index(args: list[str]) -> dict[str, Any]:
         "raw": lambda t: retriever.encode(t, batch_size=bs, normalize_embeddings=True, show_progress_bar=False),
         "embed": lambda t: embed_texts(retriever, t, bs, show_progress=False),
     }
+    if use_bf16(cfg.precision, device):  # what the index stage runs where bf16 is fast (precision auto or bf16)
+        def embed_bf16(t: list[str]) -> np.ndarray:
+            with autocast("bf16", device):
+                return embed_texts(retriever, t, bs, show_progress=False)
+        runs["embed_bf16"] = embed_bf16
     # warm-up: the first batches pay for thread pools, allocator and kernel selection
     for run in runs.values():
         run(texts[:bs])
@@ -171,8 +176,9 @@ def bench_index(args: list[str]) -> dict[str, Any]:
     # drifts (other jobs, clocks) over minutes then slows both alike.
     block = 8 * bs
     seconds, parts = {name: 0.0 for name in runs}, []
+    parts_bf16 = []
     for b, start in enumerate(tqdm(range(0, len(texts), block), desc="bench", unit="block")):
-        for name in (("raw", "embed") if b % 2 == 0 else ("embed", "raw")):
+        for name in (list(runs) if b % 2 == 0 else list(runs)[::-1]):
             sync()
             t0 = time.perf_counter()
             out = runs[name](texts[start:start + block])
@@ -180,8 +186,16 @@ def bench_index(args: list[str]) -> dict[str, Any]:
             seconds[name] += time.perf_counter() - t0
             if name == "embed":
                 parts.append(out)
+            elif name == "embed_bf16":
+                parts_bf16.append(out)
     embeddings = np.concatenate(parts)  # (N, d)
     raw_ps, embed_ps = len(texts) / seconds["raw"], len(texts) / seconds["embed"]
+    bf16 = {}
+    if parts_bf16:  # speed, and how far bf16 moves each vector (cosine to its fp32 twin)
+        cos = np.sum(np.concatenate(parts_bf16) * embeddings, axis=1)  # (N,)
+        bf16 = {"embed_bf16_passages_per_s": round(len(texts) / seconds["embed_bf16"], 2),
+                "bf16_ratio": round(seconds["embed"] / seconds["embed_bf16"], 4),
+                "bf16_cosine_min": round(float(cos.min()), 5), "bf16_cosine_mean": round(float(cos.mean()), 5)}
 
     # FAISS: build time, and recall@10 of the approximate indexes against exact search
     n, d = embeddings.shape
@@ -210,6 +224,7 @@ def bench_index(args: list[str]) -> dict[str, Any]:
         "encode_raw_passages_per_s": round(raw_ps, 2),
         "embed_passages_per_s": round(embed_ps, 2),
         "ratio": round(embed_ps / raw_ps, 4),
+        **bf16,
         "index_build_s": build_s,
         "recall_at_10_vs_flat": recall,
         "faiss_threads": faiss.omp_get_max_threads(),
@@ -500,10 +515,10 @@ def bench_train(args: list[str]) -> dict[str, Any]:
     from .losses import GeneratorLoss, stopword_token_ids
     from .models import load_retriever
     from .retrieval import SentenceCache
-    from .train import AnswerLM, Run, load_train_items, new_state, prepare_phase
+    from .train import AnswerLM, Run, adamw, load_train_items, new_state, prepare_phase
 
     opts, rest = pop_options(args, {"steps": 20, "warmup": 1, "style": "both", "generator": DISTILGPT2,
-                                    "fused_adamw": 0})
+                                    "fused_adamw": 1})
     if opts["style"] not in ("both", "ours"):
         raise CozyError(f"bench train: --style must be both or ours, got {opts['style']!r}")
     if opts["steps"] < 1:
@@ -526,9 +541,7 @@ def bench_train(args: list[str]) -> dict[str, Any]:
     other = copy.deepcopy(lm) if opts["style"] == "both" else None  # the same initial weights
     run = Run(cfg=cfg, device=device, generator=lm, tokenizer=tok, retriever=retriever, passage_encoder=retriever,
               gen_model=AnswerLM(lm), ret_model=None,
-              # as setup_run builds it; --fused_adamw=1: one fused kernel for all parameters instead of ~10 per tensor
-              opt_generator=torch.optim.AdamW(lm.parameters(), lr=cfg.lr_generator, weight_decay=cfg.weight_decay,
-                                              **({"fused": True} if opts["fused_adamw"] else {})),
+              opt_generator=adamw(lm, cfg.lr_generator, cfg.weight_decay, device, bool(opts["fused_adamw"])),
               opt_retriever=None, loss_fn=GeneratorLoss.from_config(cfg, keyword_ignore_ids=stopword_token_ids(tok)),
               pindex=pindex, items=items, gold=[], val_items=[], plan=[("generator", len(timed))], state=new_state(0))
     run.sentence_cache = SentenceCache(retriever, cfg.embed_batch_size)
@@ -622,7 +635,7 @@ def bench_ask(args: list[str]) -> dict[str, Any]:
     from .config import load_config, parse_cli_overrides
     from .rag import RAG, TRAINED
 
-    opts, rest = pop_options(args, {"questions": 50, "warmup": 2, "autocast": 0})
+    opts, rest = pop_options(args, {"questions": 50, "warmup": 2})
     if opts["questions"] < 1:
         raise CozyError("bench ask: --questions must be at least 1")
     preset, overrides = parse_cli_overrides(rest)
@@ -634,13 +647,8 @@ def bench_ask(args: list[str]) -> dict[str, Any]:
     if len(questions) <= opts["warmup"]:
         raise CozyError(f"bench ask: {cfg.run_dir / 'qa'} has {len(questions)} questions, need more than "
                         f"--warmup={opts['warmup']}")
-    device = next(rag.generator.parameters()).device
-
-    def answer(q: str) -> dict:
-        # --autocast=1: the call under bf16 autocast (what answering gains on GPUs and AMX CPUs)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(opts["autocast"])):
-            return rag.answer(q)
-
+    weight = next(rag.generator.parameters())
+    answer = rag.answer
     for q in questions[:opts["warmup"]]:  # thread pools, allocator, kernel choice
         answer(q)
     wall, parts, words, tokens = [], {"retrieve_s": [], "context_s": [], "generate_s": []}, [], []
@@ -658,8 +666,8 @@ def bench_ask(args: list[str]) -> dict[str, Any]:
             **{k: round(float(np.mean(v)), 4) for k, v in parts.items()},
             "answer_words_mean": round(float(np.mean(words)), 2), "answer_tokens_mean": round(float(np.mean(tokens)), 2),
             "top_k": rag.cfg.top_k, "max_new_tokens": rag.cfg.max_new_tokens, "index_factory": rag.pindex.manifest.get(
-                "index_factory"), "passages": len(rag.pindex), "device": device_name(device),
-            "autocast": "bf16" if opts["autocast"] else "off"}
+                "index_factory"), "passages": len(rag.pindex), "device": device_name(weight.device),
+            "generator_dtype": str(weight.dtype).removeprefix("torch.")}
 
 
 # ----------------------------------------------------------------------------------------------

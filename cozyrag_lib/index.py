@@ -380,7 +380,7 @@ class PassageIndex:
 def build_index(cfg) -> dict[str, Any]:
     """The `index` stage: embed `{run_dir}/passages.jsonl` (across ranks under torchrun), rank 0 writes `index/`."""
     from .chunking import read_passages
-    from .models import load_retriever
+    from .models import autocast, load_retriever
 
     passages_path = cfg.run_dir / "passages.jsonl"
     if not passages_path.is_file() or passages_path.stat().st_size == 0:
@@ -397,7 +397,8 @@ def build_index(cfg) -> dict[str, Any]:
         dim = embedding_dim(retriever)
         new_faiss_index(cfg.index_factory, dim, len(passages))  # a bad factory fails now, not after embedding
         t_embed = time.time()
-        embeddings = embed_corpus(retriever, passage_texts(passages), cfg.embed_batch_size)  # (N, d) on every rank
+        with autocast(cfg.precision, device):  # bf16 where fast, as training's index refresh does
+            embeddings = embed_corpus(retriever, passage_texts(passages), cfg.embed_batch_size)  # (N, d) on every rank
         t_embed = time.time() - t_embed
         summary = None
         if distributed.is_main_process():

@@ -66,6 +66,21 @@ def title_recall_at_k(gold_title: str, titles: Sequence[str], k: int) -> float:
     return float(gold_title in titles[:k])
 
 
+def evidence_recall_at_k(item: dict, passages: Sequence[dict], k: int) -> float:
+    """1.0 when the item's gold evidence is in the first k passages ({"text", "title"} dicts).
+
+    Extractive items (a gold answer occurs in their own context, as in SQuAD) need a passage that holds a
+    gold answer; a title hit would be too easy there, since an article has many passages. Other items
+    (the built-in QA, whose answers are article descriptions that rarely occur verbatim) need a passage
+    from their article when they name one, else a passage that holds a gold answer.
+    """
+    top = passages[:k]
+    extractive = answer_in_text(item["answers"], item.get("context") or "")
+    if item.get("title") and not extractive:
+        return title_recall_at_k(item["title"], [p["title"] for p in top], k)
+    return answer_recall_at_k(item["answers"], [p["text"] for p in top], k)
+
+
 def percentile(values: Sequence[float], q: float) -> float:
     """The q-th percentile (0-100) with linear interpolation; nan for no values."""
     if not values:

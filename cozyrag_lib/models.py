@@ -197,3 +197,22 @@ def _build_tiny_gpt2(cache_dir: Path) -> Path:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
     return out
+
+
+def use_bf16(precision: str, device) -> bool:
+    """precision "auto": bf16 where the hardware does it fast (recent GPUs; CPUs with AMX or AVX512-BF16)."""
+    import torch
+
+    if precision != "auto":
+        return precision == "bf16"
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    fast = [getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    return any(f is not None and f() for f in fast)  # without them bf16 is emulated: slower than fp32
+
+
+def autocast(precision: str, device):
+    """bf16 autocast where `use_bf16` says so (precision "fp32", "bf16" or "auto"), else a no-op context."""
+    import torch
+
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16(precision, device))

@@ -32,6 +32,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable
 
+import numpy as np
 from tqdm import tqdm  # text bars: they also stream through papermill, where widget bars stay invisible
 
 from .atomic import atomic_dir
@@ -554,3 +555,12 @@ def read_qa(path: str | Path) -> list[dict]:
             raise CozyError(f"{path}:{n}: not a QA record (needs id, question and a list of answers); rerun prepare-qa")
         items.append(rec)
     return items
+
+
+def seeded_sample(items: list, n: int, seed: int) -> list:
+    """At most n items (0 = all), drawn with a seed and kept in file order; not the first n, since QA
+    files are sorted by source and split."""
+    if not n or len(items) <= n:
+        return items
+    keep = np.random.default_rng(seed).permutation(len(items))[:n]
+    return [items[i] for i in sorted(keep)]

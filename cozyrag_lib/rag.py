@@ -84,7 +84,7 @@ class RAG:
         retriever into a temporary in-memory Flat index.
         """
         from .index import PassageIndex
-        from .models import load_generator, load_retriever
+        from .models import load_generator, load_retriever, use_bf16
         from .retrieval import SentenceCache
 
         run_dir, base = resolve_run(run, overrides.get("out_root", "outputs/runs"))
@@ -100,6 +100,8 @@ class RAG:
             gen_spec, ret_spec, index_dir = str(trained / "generator"), str(trained / "retriever"), trained / "index"
         generator, tokenizer = load_generator(gen_spec, cfg.model_cache, cfg.trust_remote_code)
         generator.to(dev).eval()
+        if use_bf16(cfg.precision, torch.device(dev)):  # answering only: half the bytes per token, bf16 matmuls
+            generator.to(torch.bfloat16)
         retriever = load_retriever(ret_spec, device=dev, trust_remote_code=cfg.trust_remote_code)
         retriever.eval()
         if corpus is not None:

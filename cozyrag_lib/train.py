@@ -26,14 +26,15 @@ Artefacts under cfg.run_dir:
 Evaluation (step 0, every `eval_every` steps, each phase end) on `max_val_qa` validation questions:
     val_loss             the generator's answer NLL (mean per answer token, EOS included) given the
                          contexts the current retriever and index build (no penalties)
-    val_answer_recall@5  share of questions with a gold answer in a top-5 passage (SQuAD normalisation:
-                         lower-case, no punctuation, no articles, single spaces)
+    val_recall@5         share of questions with their gold evidence in a top-5 passage: a passage that
+                         holds a gold answer for extractive items (the answer occurs in the item's own
+                         context, as in SQuAD), a passage from the item's article for the others (the
+                         built-in QA's answers are article descriptions that rarely occur verbatim)
+    val_recall@1         the same with the top passage only
+    val_answer_recall@5  share with a gold answer in a top-5 passage (SQuAD normalisation: lower-case,
+                         no punctuation, no articles, single spaces), whatever the item's kind
     val_title_recall@5   among questions that name their article (`title`), share with a top-5 passage
                          from that article
-    val_recall@5         share of questions with either kind of hit; the built-in QA's answers are
-                         article descriptions that rarely occur verbatim, so the title hit carries it there
-    val_recall@1         the same with the top passage only (the built-in questions name their article,
-                         so recall@5 starts near 1.0 there and recall@1 shows more of what training does)
 """
 from __future__ import annotations
 
@@ -60,6 +61,7 @@ from . import distributed
 from .atomic import atomic_dir, atomic_path, atomic_write_text
 from .config import Config, load_config, parse_cli_overrides
 from .errors import CozyError
+from .models import autocast
 from .retrieval import (CHAT, SentenceCache, build_contexts, collate, encode_example, format_prompt, gold_passages,
                         retrieve, to_device, truncate_tokens)
 
@@ -142,15 +144,13 @@ def answer_logprobs(lm, batch: dict) -> torch.Tensor:
 
 def load_train_items(cfg: Config) -> list[dict]:
     """Training QA (qa/train.jsonl + the train split of cfg.qa_extra files), capped at cfg.max_train_qa."""
-    from .qa import load_qa_file, read_qa, split_key, split_of
+    from .qa import load_qa_file, read_qa, seeded_sample, split_key, split_of
 
     items = read_qa(cfg.run_dir / "qa" / "train.jsonl")
     for path in cfg.qa_extra:  # the same split rule as prepare-qa, so no validation article leaks in
         extra, _ = load_qa_file(path, "auto")
         items += [it for it in extra if split_of(split_key(it)) == "train"]
-    if cfg.max_train_qa and len(items) > cfg.max_train_qa:  # a seeded sample, not the first N (files are sorted)
-        keep = np.random.default_rng(cfg.seed).permutation(len(items))[:cfg.max_train_qa]
-        items = [items[i] for i in sorted(keep)]
+    items = seeded_sample(items, cfg.max_train_qa, cfg.seed)
     if not items:
         raise CozyError(f"{cfg.run_dir / 'qa' / 'train.jsonl'}: no training QA pairs; check qa_sources and rerun prepare-qa")
     return items
@@ -280,19 +280,13 @@ class Run:
         return self.state["ret_step"], self.state["index_version"]
 
     def autocast(self):
-        if use_bf16(self.cfg.precision, self.device):
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return autocast(self.cfg.precision, self.device)
 
 
-def use_bf16(precision: str, device: torch.device) -> bool:
-    """precision "auto": bf16 where the hardware does it fast (recent GPUs; CPUs with AMX or AVX512-BF16)."""
-    if precision != "auto":
-        return precision == "bf16"
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    fast = [getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
-    return any(f is not None and f() for f in fast)  # without them bf16 is emulated: slower than fp32
+def adamw(model: nn.Module, lr: float, weight_decay: float, device: torch.device, fused: bool = True):
+    """AdamW; fused: one kernel updates every parameter (CPU and CUDA) instead of several ops per tensor."""
+    fused = fused and device.type in ("cpu", "cuda")
+    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, **({"fused": True} if fused else {}))
 
 
 def new_state(run_index_version: int) -> dict:
@@ -475,7 +469,7 @@ def retriever_loss(run: Run, batch: dict) -> tuple[torch.Tensor, dict]:
 @torch.no_grad()
 def estimate_loss(run: Run) -> dict:
     """val_loss and recall@5 on the validation questions (sharded over ranks; see the module docstring)."""
-    from .metrics import answer_recall_at_k, title_recall_at_k
+    from .metrics import answer_recall_at_k, evidence_recall_at_k, title_recall_at_k
 
     cfg, items, passages = run.cfg, run.val_items, run.pindex.passages
     if not items:
@@ -491,11 +485,9 @@ def estimate_loss(run: Run) -> dict:
             for it, row in zip(mine, ids):
                 top = [passages[j] for j in row[:5] if j >= 0]
                 texts, titles = [p["text"] for p in top], [p["title"] for p in top]
-                hits = []
-                for k in (5, 1):  # (answer hit, title hit or None) in the top 5, then at rank 1
-                    title = title_recall_at_k(it["title"], titles, k) if it.get("title") else None
-                    hits += [answer_recall_at_k(it["answers"], texts, k), title]
-                out[it["id"]] = hits
+                out[it["id"]] = (evidence_recall_at_k(it, top, 5), evidence_recall_at_k(it, top, 1),
+                                 answer_recall_at_k(it["answers"], texts, 5),
+                                 title_recall_at_k(it["title"], titles, 5) if it.get("title") else None)
             return out
 
         run.val_cache = {key: sharded(work, len(items))}
@@ -519,12 +511,12 @@ def estimate_loss(run: Run) -> dict:
         n_tok += int(m.sum())
     nll, n_tok = map(sum, zip(*distributed.all_gather_object((nll, n_tok))))
     n = len(hits)
-    titled = [h for h in hits.values() if h[1] is not None]
+    titled = [h[3] for h in hits.values() if h[3] is not None]
     return {"val_loss": nll / max(1, n_tok),
-            "val_recall@5": sum(max(a, t or 0.0) for a, t, _, _ in hits.values()) / n,
-            "val_answer_recall@5": sum(h[0] for h in hits.values()) / n,
-            "val_title_recall@5": sum(h[1] for h in titled) / len(titled) if titled else None,
-            "val_recall@1": sum(max(a, t or 0.0) for _, _, a, t in hits.values()) / n}
+            "val_recall@5": sum(h[0] for h in hits.values()) / n,
+            "val_recall@1": sum(h[1] for h in hits.values()) / n,
+            "val_answer_recall@5": sum(h[2] for h in hits.values()) / n,
+            "val_title_recall@5": sum(titled) / len(titled) if titled else None}
 
 
 def answer_val_questions(run: Run) -> list[dict]:
@@ -588,12 +580,13 @@ class MetricsLog:
     def log(self, row: dict) -> None:
         if not distributed.is_main_process():
             return
+        row = {**row, "time": round(time.time(), 1)}  # wall clock: elapsed times survive a resume
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()
         self.lines += 1
         if self.mlflow:
             self.mlflow.log_metrics({k.replace("@", "_at_"): v for k, v in row.items()
-                                     if isinstance(v, (int, float)) and k != "step"}, step=row["step"])
+                                     if isinstance(v, (int, float)) and k not in ("step", "time")}, step=row["step"])
 
     def close(self) -> None:
         if distributed.is_main_process():
@@ -737,7 +730,7 @@ def setup_run(cfg: Config, device: torch.device, resume: bool) -> Run:
     from .index import PassageIndex, embedding_dim, make_faiss_index
     from .losses import GeneratorLoss, stopword_token_ids
     from .models import load_generator, load_retriever
-    from .qa import read_qa
+    from .qa import read_qa, seeded_sample
 
     from transformers.utils import logging as hf_logging
 
@@ -756,7 +749,7 @@ def setup_run(cfg: Config, device: torch.device, resume: bool) -> Run:
     items = load_train_items(cfg)
     plan_phases(cfg, len(items), world)  # a batch larger than the data fails now, not after loading the models
     val_items = read_qa(rd / "qa" / "validation.jsonl")
-    val_items = val_items[:cfg.max_val_qa] if cfg.max_val_qa else val_items
+    val_items = seeded_sample(val_items, cfg.max_val_qa, cfg.seed)  # every QA source represented
     torch.manual_seed(cfg.seed)  # identical initial weights wherever something is initialised at random
 
     gen_src = str(ckpt / "generator") if ckpt else cfg.generator
@@ -785,8 +778,8 @@ def setup_run(cfg: Config, device: torch.device, resume: bool) -> Run:
         gen_model = nn.parallel.DistributedDataParallel(gen_model, device_ids=ids)
         # the BERT pooler runs but feeds no loss: unused parameters must be tolerated
         ret_model = nn.parallel.DistributedDataParallel(ret_model, device_ids=ids, find_unused_parameters=True)
-    opt_g = torch.optim.AdamW(generator.parameters(), lr=cfg.lr_generator, weight_decay=cfg.weight_decay)
-    opt_r = torch.optim.AdamW(retriever.parameters(), lr=cfg.lr_retriever, weight_decay=cfg.weight_decay)
+    opt_g = adamw(generator, cfg.lr_generator, cfg.weight_decay, device)
+    opt_r = adamw(retriever, cfg.lr_retriever, cfg.weight_decay, device)
     if ckpt:
         opts = read_checkpoint_file(ckpt / "optimizers.pt", map_location=device)
         opt_g.load_state_dict(opts["generator"])

@@ -38,6 +38,17 @@ def test_batch_equals_single_and_greedy_is_reproducible(base_rag):
     assert [b["context"] for b in batch] == [s["context"] for s in single]
 
 
+def test_bf16_precision_answers_with_bf16_generator_weights(tiny_run, base_rag):
+    import torch
+
+    assert next(base_rag.generator.parameters()).dtype == torch.float32  # the tiny preset answers in fp32
+    rag = RAG.load(f"base:{tiny_run.run_dir}", precision="bf16")
+    assert next(rag.generator.parameters()).dtype == torch.bfloat16
+    assert next(rag.retriever.parameters()).dtype == torch.float32  # queries match the fp32 index
+    out = rag.answer("Who was Abraham Lincoln?", top_k=2)
+    assert isinstance(out["answer"], str) and out["passages"][0]["title"] == "Abraham Lincoln"
+
+
 def test_closed_and_oracle_modes(base_rag):
     closed = base_rag.answer("Who was Ada Lovelace?", mode="closed")
     assert closed["passages"] == [] and closed["context"] == ""

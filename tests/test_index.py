@@ -257,6 +257,11 @@ def test_bench_index_reports_one_json_line(tiny_cfg, capsys):
     assert result["passages"] == 24 and result["encode_raw_passages_per_s"] > 0 and result["ratio"] > 0
     assert set(result["index_build_s"]) == {"Flat", "HNSW32", "IVF4,Flat"}
     assert result["recall_at_10_vs_flat"]["Flat"] == 1.0
+    assert "embed_bf16_passages_per_s" not in result  # the tiny preset runs fp32
+    assert bench.cli(args + ["--precision=bf16"]) == 0  # the index stage's bf16 embedding, beside fp32
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["embed_bf16_passages_per_s"] > 0 and result["bf16_ratio"] > 0
+    assert 0.98 < result["bf16_cosine_min"] <= result["bf16_cosine_mean"] <= 1.0001  # close to the fp32 vectors
     with pytest.raises(CozyError, match="unknown benchmark 'nope'"):
         bench.cli(["nope"])
 

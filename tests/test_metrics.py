@@ -3,8 +3,8 @@ import math
 
 import pytest
 
-from cozyrag_lib.metrics import (answer_in_text, answer_recall_at_k, exact_match, f1_score, normalize_answer,
-                                 percentile, title_recall_at_k)
+from cozyrag_lib.metrics import (answer_in_text, answer_recall_at_k, evidence_recall_at_k, exact_match, f1_score,
+                                 normalize_answer, percentile, title_recall_at_k)
 
 
 @pytest.mark.parametrize("raw, norm", [
@@ -58,3 +58,17 @@ def test_percentile():
     assert percentile([5.0], 95) == 5.0
     assert percentile(list(range(101)), 95) == pytest.approx(95.0)
     assert math.isnan(percentile([], 50))
+
+
+def test_evidence_recall_picks_the_hit_kind_per_item():
+    passages = [{"title": "Paris", "text": "Paris is the capital."}, {"title": "Seine", "text": "It flows past the Eiffel Tower."}]
+    # extractive (the answer is in the item's own context): the article alone is not enough
+    squad = {"answers": ["Eiffel Tower"], "title": "Paris", "context": "Paris has the Eiffel Tower."}
+    assert evidence_recall_at_k(squad, passages, 1) == 0.0
+    assert evidence_recall_at_k(squad, passages, 2) == 1.0
+    # descriptive (built-in): the answer never occurs verbatim, so the article is the evidence
+    builtin = {"answers": ["Capital of France"], "title": "Paris", "context": "Paris is the capital."}
+    assert evidence_recall_at_k(builtin, passages, 1) == 1.0
+    assert evidence_recall_at_k({**builtin, "title": "Lyon"}, passages, 2) == 0.0
+    # no title, no context: a passage holding the answer
+    assert evidence_recall_at_k({"answers": ["capital"]}, passages, 1) == 1.0

@@ -474,3 +474,15 @@ def test_fuzz_squad_shapes(doc):
 @given(lines=st.lists(st.one_of(JSONL_RECORD, JSONL_RECORD, JSON), min_size=1, max_size=5))
 def test_fuzz_jsonl_shapes(lines):
     _load_any("\n".join(json.dumps(x) for x in lines).encode(), "x.jsonl", "jsonl")
+
+
+def test_seeded_sample_draws_from_the_whole_file_in_order():
+    from cozyrag_lib.qa import seeded_sample
+
+    items = [{"id": f"a{i}"} for i in range(50)] + [{"id": f"b{i}"} for i in range(50)]  # two sources, sorted
+    drawn = seeded_sample(items, 20, seed=1)
+    assert len(drawn) == 20 and drawn == seeded_sample(items, 20, seed=1)  # reproducible
+    assert drawn != seeded_sample(items, 20, seed=2)
+    assert [items.index(d) for d in drawn] == sorted(items.index(d) for d in drawn)  # file order kept
+    assert {d["id"][0] for d in drawn} == {"a", "b"}  # not just the first source
+    assert seeded_sample(items, 0, seed=1) == items and seeded_sample(items, 500, seed=1) == items
