@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from .atomic import atomic_open, atomic_write_text
 from .errors import CozyError
-from .metrics import answer_recall_at_k, exact_match, f1_score, percentile, title_recall_at_k
+from .metrics import answer_recall_at_k, evidence_recall_at_k, exact_match, f1_score, percentile, title_recall_at_k
 
 
 def _title(t: str) -> str:
@@ -84,22 +84,24 @@ def evaluate(rag, items: Sequence[dict], mode: str = "rag", top_k: int | None = 
 
 
 def recall_at_ks(rag, items: Sequence[dict], ks: Sequence[int], batch_size: int = 64) -> dict[str, list[float]]:
-    """Answer recall@k (and title recall@k for items with titles) for every k in `ks`, from one search."""
+    """Evidence and answer recall@k (and title recall@k for items with titles) for every k in `ks`, from one
+    search. Evidence recall is training's val_recall (`metrics.evidence_recall_at_k`)."""
     from .retrieval import retrieve
 
     kmax = max(ks)
     _, _, ids = retrieve(rag.retriever, rag.pindex, [it["question"] for it in items], kmax, batch_size)
-    ans = {k: 0.0 for k in ks}
-    tit = {k: 0.0 for k in ks}
+    ans, tit, evi = ({k: 0.0 for k in ks} for _ in range(3))
     n_titled = sum(1 for it in items if it.get("title"))
     for it, row in zip(items, ids):
         ps = [rag.pindex.passages[j] for j in row if j >= 0]
         texts, titles = [p["text"] for p in ps], [_title(p["title"]) for p in ps]
         for k in ks:
+            evi[k] += evidence_recall_at_k(it, ps, k)
             ans[k] += answer_recall_at_k(it["answers"], texts, k)
             if it.get("title"):
                 tit[k] += title_recall_at_k(_title(it["title"]), titles, k)
-    out = {"k": list(ks), "answer_recall": [ans[k] / len(items) for k in ks]}
+    out = {"k": list(ks), "n": len(items), "evidence_recall": [evi[k] / len(items) for k in ks],
+           "answer_recall": [ans[k] / len(items) for k in ks]}
     if n_titled:
         out["title_recall"] = [tit[k] / n_titled for k in ks]
     return out

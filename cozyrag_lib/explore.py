@@ -88,6 +88,17 @@ def summary_table(summaries: Sequence[dict], keys: Sequence[str] = ("model", "mo
     return "\n".join(lines)
 
 
+def recall_table(curves: dict[str, dict]) -> str:
+    """A markdown table of `recall_at_ks` curves: one row per (retriever, kind), one column per k."""
+    ks = next(iter(curves.values()))["k"]
+    lines = ["| retriever | recall | " + " | ".join(f"@{k}" for k in ks) + " |", "|---|---|" + "---|" * len(ks)]
+    for name, c in curves.items():
+        for kind in ("evidence_recall", "answer_recall", "title_recall"):
+            if kind in c:
+                lines.append(f"| {name} | {kind.split('_')[0]} | " + " | ".join(f"{v:.3f}" for v in c[kind]) + " |")
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------------------------
 # plots (matplotlib; each returns the figure and saves a PNG atomically)
 
@@ -100,14 +111,14 @@ def save_figure(fig, path: str | Path) -> Path:
 
 
 def plot_recall(curves: dict[str, dict], path: str | Path | None = None):
-    """Recall@k against k, one line per retriever (answer recall solid, title recall dashed)."""
+    """Recall@k against k, one colour per retriever: gold evidence found (solid; training's val_recall),
+    a gold answer in a passage (dashed)."""
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, c in curves.items():
-        line, = ax.plot(c["k"], c["answer_recall"], marker="o", label=f"{label}: answer in passage")
-        if "title_recall" in c:
-            ax.plot(c["k"], c["title_recall"], marker="s", ls="--", color=line.get_color(), label=f"{label}: gold article")
+        line, = ax.plot(c["k"], c["evidence_recall"], marker="o", label=f"{label}: gold evidence")
+        ax.plot(c["k"], c["answer_recall"], marker="s", ls="--", color=line.get_color(), label=f"{label}: answer in passage")
     ax.set(xlabel="k (passages retrieved)", ylabel="recall@k", ylim=(0, 1.02), title="Retrieval recall on the test split")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

@@ -3,7 +3,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from cozyrag_lib.explore import answer_html, plot_em_f1, plot_latency, plot_recall, question_box, summary_table
+from cozyrag_lib.explore import (answer_html, plot_em_f1, plot_latency, plot_recall, question_box, recall_table,
+                                 summary_table)
 
 OUT = {"question": "Who wrote it?", "answer": "Ann <b>", "mode": "rag",
        "passages": [{"id": "p1", "title": "Books", "text": "Ann wrote it. Cats sleep.", "score": 0.9}],
@@ -42,9 +43,17 @@ def test_summary_table():
     assert t.splitlines()[2] == "| base | closed | 3 | 0.500 | - |"
 
 
+def test_recall_table_rows_per_retriever_and_kind():
+    t = recall_table({"base": {"k": [1, 5], "evidence_recall": [0.5, 0.9], "answer_recall": [0.1, 0.25]},
+                      "trained": {"k": [1, 5], "evidence_recall": [0.6, 0.95], "answer_recall": [0.2, 0.3]}})
+    lines = t.splitlines()
+    assert lines[0] == "| retriever | recall | @1 | @5 |" and len(lines) == 6
+    assert lines[2] == "| base | evidence | 0.500 | 0.900 |" and lines[5] == "| trained | answer | 0.200 | 0.300 |"
+
+
 def test_plots_are_written_as_png(tmp_path):
     pytest.importorskip("matplotlib")
-    plot_recall({"base": {"k": [1, 5], "answer_recall": [0.1, 0.3], "title_recall": [0.5, 0.9]}}, tmp_path / "r.png")
+    plot_recall({"base": {"k": [1, 5], "evidence_recall": [0.5, 0.9], "answer_recall": [0.1, 0.3]}}, tmp_path / "r.png")
     plot_em_f1([{"model": "base", "mode": "rag", "em": 0.1, "f1": 0.2}], tmp_path / "e.png")
     plot_latency({"base": [{"latency_s": 0.1}, {"latency_s": 0.3}]}, tmp_path / "l.png")
     for name in ("r.png", "e.png", "l.png"):
