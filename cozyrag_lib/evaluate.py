@@ -86,10 +86,12 @@ def evaluate(rag, items: Sequence[dict], mode: str = "rag", top_k: int | None = 
 def recall_at_ks(rag, items: Sequence[dict], ks: Sequence[int], batch_size: int = 64) -> dict[str, list[float]]:
     """Evidence and answer recall@k (and title recall@k for items with titles) for every k in `ks`, from one
     search. Evidence recall is training's val_recall (`metrics.evidence_recall_at_k`)."""
+    from .models import autocast
     from .retrieval import retrieve
 
     kmax = max(ks)
-    _, _, ids = retrieve(rag.retriever, rag.pindex, [it["question"] for it in items], kmax, batch_size)
+    with autocast(rag.cfg.precision, rag.device):  # queries embedded as answering and training embed them
+        _, _, ids = retrieve(rag.retriever, rag.pindex, [it["question"] for it in items], kmax, batch_size)
     ans, tit, evi = ({k: 0.0 for k in ks} for _ in range(3))
     n_titled = sum(1 for it in items if it.get("title"))
     for it, row in zip(items, ids):

@@ -111,6 +111,10 @@ class RAG:
         name = f"{'base' if base else 'trained'}:{run_dir.name}"
         return cls(cfg, generator, tokenizer, retriever, pindex, name, SentenceCache(retriever, cfg.embed_batch_size))
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.generator.parameters()).device
+
     # ------------------------------------------------------------------------------------------
     def answer(self, question: str, top_k: int | None = None, mode: str = "rag", context: str | None = None) -> dict:
         """One question; see `answer_batch` for the result's keys."""
@@ -128,6 +132,7 @@ class RAG:
         prompted), timings {retrieve_s, context_s, generate_s, total_s} (per question: batch time / n).
         """
         from .generate import generate_answers
+        from .models import autocast
         from .retrieval import CHAT, format_prompt, rank_sentences, retrieve, truncate_tokens
 
         if mode not in MODES:
@@ -139,32 +144,33 @@ class RAG:
         if k <= 0:
             raise CozyError(f"top_k must be positive, got {k}")
         t0 = time.perf_counter()
-        hits: list[list[dict]] = [[] for _ in questions]
-        if mode == "rag":
-            q_emb, scores, ids = retrieve(self.retriever, self.pindex, list(questions), k, cfg.embed_batch_size)
-            hits = [[{**self.pindex.passages[j], "score": float(s)} for s, j in zip(srow, irow) if j >= 0]
-                    for srow, irow in zip(scores, ids)]
-        elif mode == "oracle":
-            if contexts is None or len(contexts) != n:
-                raise CozyError("oracle mode needs one gold context per question")
-            from .index import embed_texts
+        with autocast(cfg.precision, self.device):  # retrieval and sentence ranking as in training
+            hits: list[list[dict]] = [[] for _ in questions]
+            if mode == "rag":
+                q_emb, scores, ids = retrieve(self.retriever, self.pindex, list(questions), k, cfg.embed_batch_size)
+                hits = [[{**self.pindex.passages[j], "score": float(s)} for s, j in zip(srow, irow) if j >= 0]
+                        for srow, irow in zip(scores, ids)]
+            elif mode == "oracle":
+                if contexts is None or len(contexts) != n:
+                    raise CozyError("oracle mode needs one gold context per question")
+                from .index import embed_texts
 
-            q_emb = embed_texts(self.retriever, list(questions), cfg.embed_batch_size, show_progress=False)
-            hits = [[{"id": f"gold-{i}", "title": "", "text": c, "score": float("nan")}] for i, c in enumerate(contexts)]
-        t1 = time.perf_counter()
-        sentence_lists: list[list[str]] = [[] for _ in questions]
-        prompted = [""] * n
-        if mode != "closed":
-            self.sentences.add([p for row in hits for p in row])
-            for i, row in enumerate(hits):
-                ranked = rank_sentences(q_emb[i], [p["id"] for p in row], self.sentences, cfg.answer_max_sentences)
-                prompted[i] = truncate_tokens(self.tokenizer, " ".join(ranked), cfg.context_tokens)
-                sentence_lists[i] = [s for s in ranked if s in prompted[i]] or ([prompted[i]] if prompted[i] else [])
-            if mode == "oracle":  # gold contexts are per call; don't let them pile up in the cache
-                for row in hits:
-                    for p in row:
-                        self.sentences.sentences.pop(p["id"], None)
-                        self.sentences.embeddings.pop(p["id"], None)
+                q_emb = embed_texts(self.retriever, list(questions), cfg.embed_batch_size, show_progress=False)
+                hits = [[{"id": f"gold-{i}", "title": "", "text": c, "score": float("nan")}] for i, c in enumerate(contexts)]
+            t1 = time.perf_counter()
+            sentence_lists: list[list[str]] = [[] for _ in questions]
+            prompted = [""] * n
+            if mode != "closed":
+                self.sentences.add([p for row in hits for p in row])
+                for i, row in enumerate(hits):
+                    ranked = rank_sentences(q_emb[i], [p["id"] for p in row], self.sentences, cfg.answer_max_sentences)
+                    prompted[i] = truncate_tokens(self.tokenizer, " ".join(ranked), cfg.context_tokens)
+                    sentence_lists[i] = [s for s in ranked if s in prompted[i]] or ([prompted[i]] if prompted[i] else [])
+                if mode == "oracle":  # gold contexts are per call; don't let them pile up in the cache
+                    for row in hits:
+                        for p in row:
+                            self.sentences.sentences.pop(p["id"], None)
+                            self.sentences.embeddings.pop(p["id"], None)
         t2 = time.perf_counter()
         prompts = [format_prompt(self.tokenizer, q, c, cfg.prompt_template) for q, c in zip(questions, prompted)]
         answers = generate_answers(self.generator, self.tokenizer, prompts, cfg.max_new_tokens, max(n, 1),
