@@ -53,7 +53,7 @@ def evaluate(rag, items: Sequence[dict], mode: str = "rag", top_k: int | None = 
         for it, out in zip(chunk, outs):
             texts = [p["text"] for p in out["passages"]]
             titles = [_title(p["title"]) for p in out["passages"]]
-            row = {"id": it.get("id"), "question": it["question"], "answers": it["answers"],
+            row = {"id": it.get("id"), "source": it.get("source"), "question": it["question"], "answers": it["answers"],
                    "prediction": out["answer"], "em": exact_match(out["answer"], it["answers"]),
                    "f1": f1_score(out["answer"], it["answers"]), "latency_s": out["timings"]["total_s"],
                    "passages": [{"id": p["id"], "title": p["title"], "score": p["score"]} for p in out["passages"]]}
@@ -65,8 +65,8 @@ def evaluate(rag, items: Sequence[dict], mode: str = "rag", top_k: int | None = 
                         row[f"title_recall@{kk}"] = title_recall_at_k(_title(it["title"]), titles, kk)
             preds.append(row)
 
-    def mean(key: str) -> float | None:
-        vals = [p[key] for p in preds if key in p]
+    def mean(key: str, rows: Sequence[dict] = preds) -> float | None:
+        vals = [p[key] for p in rows if key in p]
         return round(sum(vals) / len(vals), 4) if vals else None
 
     summary = {"run": rag.name, "n": len(preds), "mode": mode, "top_k": k, "em": mean("em"), "f1": mean("f1")}
@@ -78,6 +78,13 @@ def evaluate(rag, items: Sequence[dict], mode: str = "rag", top_k: int | None = 
     lat = [p["latency_s"] for p in preds]
     summary["latency_p50_s"] = round(percentile(lat, 50), 4)
     summary["latency_p95_s"] = round(percentile(lat, 95), 4)
+    sources = sorted({p["source"] for p in preds if p["source"]})
+    if len(sources) > 1:  # e.g. built-in descriptions and SQuAD spans score very differently
+        summary["by_source"] = {}
+        for src in sources:
+            rows = [p for p in preds if p["source"] == src]
+            summary["by_source"][src] = {"n": len(rows), "em": mean("em", rows), "f1": mean("f1", rows),
+                                         **({"answer_recall@5": mean("answer_recall@5", rows)} if mode == "rag" else {})}
     if skipped:
         summary["skipped_without_context"] = skipped
     return summary, preds

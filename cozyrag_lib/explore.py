@@ -88,6 +88,19 @@ def summary_table(summaries: Sequence[dict], keys: Sequence[str] = ("model", "mo
     return "\n".join(lines)
 
 
+def source_table(summaries: Sequence[dict]) -> str:
+    """A markdown table of each summary's `by_source` metrics (empty when the items had one source)."""
+    rows = [(s, src, m) for s in summaries for src, m in s.get("by_source", {}).items()]
+    if not rows:
+        return ""
+    lines = ["| model | mode | source | n | em | f1 | answer_recall@5 |", "|---|---|---|---|---|---|---|"]
+    for s, src, m in rows:
+        ar = m.get("answer_recall@5")
+        lines.append(f"| {s.get('model', s.get('run'))} | {s['mode']} | {Path(src).name} | {m['n']} | {m['em']:.3f} | "
+                     f"{m['f1']:.3f} | {'-' if ar is None else f'{ar:.3f}'} |")
+    return "\n".join(lines)
+
+
 def recall_table(curves: dict[str, dict]) -> str:
     """A markdown table of `recall_at_ks` curves: one row per (retriever, kind), one column per k."""
     ks = next(iter(curves.values()))["k"]

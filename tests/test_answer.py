@@ -85,6 +85,19 @@ def test_evaluate_metrics_are_consistent_with_predictions(base_rag, tiny_run, tm
     assert len(pred_path.read_text().splitlines()) == 6
 
 
+def test_evaluate_breaks_metrics_down_by_source(base_rag, tiny_run):
+    items = read_qa(tiny_run.run_dir / "qa" / "test.jsonl")[:5]
+    items = [{**it, "source": "data/squad.json" if i < 2 else "builtin"} for i, it in enumerate(items)]
+    summary, preds = evaluate(base_rag, items, "rag", top_k=2, batch_size=8, show_progress=False)
+    by = summary["by_source"]
+    assert sorted(by) == ["builtin", "data/squad.json"] and by["builtin"]["n"] == 3 and by["data/squad.json"]["n"] == 2
+    squad = [p for p in preds if p["source"] == "data/squad.json"]
+    assert by["data/squad.json"]["f1"] == pytest.approx(sum(p["f1"] for p in squad) / 2, abs=1e-4)
+    assert by["builtin"]["answer_recall@5"] is not None
+    one, _ = evaluate(base_rag, items[2:], "closed", batch_size=8, show_progress=False)
+    assert "by_source" not in one  # a single source needs no breakdown
+
+
 def test_resolve_run_errors(tmp_path):
     with pytest.raises(CozyError, match="no such run folder"):
         resolve_run(tmp_path / "nope")

@@ -4,7 +4,7 @@ from types import SimpleNamespace
 import pytest
 
 from cozyrag_lib.explore import (answer_html, plot_em_f1, plot_latency, plot_recall, question_box, recall_table,
-                                 summary_table)
+                                 source_table, summary_table)
 
 OUT = {"question": "Who wrote it?", "answer": "Ann <b>", "mode": "rag",
        "passages": [{"id": "p1", "title": "Books", "text": "Ann wrote it. Cats sleep.", "score": 0.9}],
@@ -41,6 +41,15 @@ def test_question_box_prints_plain_answer_without_front_end(capsys):
 def test_summary_table():
     t = summary_table([{"model": "base", "mode": "closed", "n": 3, "em": 0.5, "f1": 0.25}], keys=("model", "mode", "n", "em", "answer_recall@5"))
     assert t.splitlines()[2] == "| base | closed | 3 | 0.500 | - |"
+
+
+def test_source_table_one_row_per_summary_and_source():
+    s = {"model": "trained", "mode": "rag", "by_source": {
+        "builtin": {"n": 3, "em": 0.0, "f1": 0.5, "answer_recall@5": 0.25},
+        "../shared/data/squad/dev.json": {"n": 2, "em": 0.5, "f1": 0.75, "answer_recall@5": 1.0}}}
+    lines = source_table([s, {"model": "base", "mode": "closed"}]).splitlines()
+    assert len(lines) == 4 and lines[3] == "| trained | rag | dev.json | 2 | 0.500 | 0.750 | 1.000 |"
+    assert source_table([{"model": "base", "mode": "rag"}]) == ""
 
 
 def test_recall_table_rows_per_retriever_and_kind():
