@@ -23,8 +23,8 @@ context, batch 4, lr 5e-5). Options: `--steps=20`, `--warmup=1`, `--style=both|o
 `--generator=SPEC`, `--fused_adamw=0` (ours with the per-tensor AdamW instead of training's fused one).
 
 `ask`: p50 / p95 latency of one-question `RAG.answer` calls on the run's questions, with the mean
-retrieve / context / generate split. Options: `--questions=50`, `--warmup=2`; `--precision=bf16` answers with bf16
-generator weights (`RAG.load` does so on GPUs by default, not on CPUs).
+retrieve / context / generate split. Options: `--questions=50`, `--warmup=2`; `--precision=fp32` keeps the
+generator in fp32 where the run's precision would answer with bf16 weights (see `RAG.load`).
 
 `scale`: an IVF-PQ index (default `IVF{~sqrt(n)},PQ48,Refine(Flat)`) over `--n` vectors (the run's
 passage embeddings tiled with Gaussian noise): build time, index bytes, RSS, recall@10 against exact
