@@ -20,7 +20,7 @@ import json
 from pathlib import Path
 from typing import Sequence
 
-from tqdm.auto import tqdm
+from tqdm import tqdm  # text bars: they also stream through papermill, where widget bars stay invisible
 
 from .atomic import atomic_open, atomic_write_text
 from .errors import CozyError

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from safetensors import SafetensorError
 
-from .errors import CozyError
+from .errors import CozyError, first_line
 
 EMBEDDED_GENERATOR = "embedded:smollm2-135m-instruct"
 EMBEDDED_RETRIEVER = "embedded:all-minilm-l6-v2"
@@ -125,7 +125,7 @@ def load_retriever(spec: str, device: str | None = None, trust_remote_code: bool
 
 def _load_error(role: str, spec: str, path: str, e: Exception) -> CozyError:
     """A one-line error for a model that would not load, naming the damaged weights file when there is one."""
-    reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    reason = first_line(e)
     broken = _damaged_safetensors(path)
     if broken is not None:
         return CozyError(f"{broken}: damaged {role} weights ({reason}); copy the folder again or retrain")

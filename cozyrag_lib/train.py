@@ -60,7 +60,7 @@ from tqdm import tqdm  # text bars: they also stream through papermill, where wi
 from . import distributed
 from .atomic import atomic_dir, atomic_path, atomic_write_text
 from .config import Config, load_config, parse_cli_overrides
-from .errors import CozyError
+from .errors import CozyError, first_line
 from .models import autocast
 from .retrieval import (CHAT, SentenceCache, build_contexts, collate, encode_example, format_prompt, gold_passages,
                         retrieve, to_device, truncate_tokens)
@@ -676,7 +676,7 @@ def read_checkpoint_file(path: Path, **kw) -> Any:
             return json.loads(path.read_text(encoding="utf-8"))
         return torch.load(path, weights_only=True, **kw)
     except (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError) as e:  # cut short, edited, not ours
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0]
+        reason = first_line(e).split(". ")[0]
         raise CozyError(f"{path}: damaged checkpoint ({reason}); restore it, or delete {path.parent} "
                         "to train from the start") from None
 
@@ -747,7 +747,7 @@ def setup_run(cfg: Config, device: torch.device, resume: bool) -> Run:
                   file=sys.stderr)
 
     items = load_train_items(cfg)
-    plan_phases(cfg, len(items), world)  # a batch larger than the data fails now, not after loading the models
+    plan = plan_phases(cfg, len(items), world)  # a batch larger than the data fails now, not after loading the models
     val_items = read_qa(rd / "qa" / "validation.jsonl")
     val_items = seeded_sample(val_items, cfg.max_val_qa, cfg.seed)  # every QA source represented
     torch.manual_seed(cfg.seed)  # identical initial weights wherever something is initialised at random
@@ -789,7 +789,7 @@ def setup_run(cfg: Config, device: torch.device, resume: bool) -> Run:
               passage_encoder=passage_encoder, gen_model=gen_model, ret_model=ret_model, opt_generator=opt_g,
               opt_retriever=opt_r, loss_fn=GeneratorLoss.from_config(cfg, keyword_ignore_ids=stopword_token_ids(tokenizer)),
               pindex=pindex, items=items, gold=gold_passages(items, pindex.passages), val_items=val_items,
-              plan=plan_phases(cfg, len(items), world), state=state)
+              plan=plan, state=state)
     run.sentence_cache = SentenceCache(passage_encoder, cfg.embed_batch_size, version=state["ret_step"])
     if ckpt:
         data = read_checkpoint_file(ckpt / "phase_data.json")
