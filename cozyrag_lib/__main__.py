@@ -15,10 +15,8 @@ import importlib
 import json
 import os
 import sys
-import traceback
-from typing import Callable
 
-from .errors import CozyError
+from .errors import CozyError, run_guarded
 
 # command -> (module, function taking a Config and returning a JSON-able summary)
 STAGES = {
@@ -33,21 +31,6 @@ TOOLS = {
     "evaluate": "cozyrag_lib.evaluate",
     "bench": "cozyrag_lib.bench",
 }
-
-
-def run_guarded(fn: Callable[[], object], debug: bool = False) -> int:
-    """Run `fn`; turn CozyError into one line on stderr and exit status 2 (traceback only with debug)."""
-    try:
-        fn()
-        return 0
-    except CozyError as e:
-        if debug:
-            traceback.print_exc()
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
 
 
 def _usage() -> str:

@@ -67,7 +67,9 @@ class Config:
     phase_repeats: int = 1  # run the phases list this many times (the original: 30 x [generator, retriever])
     epochs_per_phase: float = 1.0  # passes over the training QA per phase (fractions allowed)
     max_steps_per_phase: int = 0  # cap on optimizer steps per phase (0 = no cap)
+    retriever_max_steps_per_phase: int = 0  # cap for retriever phases alone (0 = max_steps_per_phase)
     max_train_qa: int = 0  # use at most this many training QA pairs (0 = all)
+    max_train_descriptions: int = 0  # keep at most this many built-in description questions in training (0 = all)
     batch_size: int = 4  # per-process batch size
     grad_accum: int = 1  # micro-batches per optimizer step
     lr_generator: float = 5e-5  # AdamW learning rate of the generator
@@ -206,7 +208,8 @@ def validate(cfg: Config) -> Config:
     non_negative = ["lr_generator", "lr_retriever", "warmup_steps", "weight_decay", "max_qa", "max_articles",
                     "chunk_overlap_sentences", "max_steps_per_phase", "max_train_qa", "epochs_per_phase", "max_eval_qa",
                     "ngram_repeat_weight", "keyword_overlap_weight", "short_answer_weight", "short_answer_min_words",
-                    "grad_clip", "max_val_qa"]
+                    "grad_clip", "max_val_qa", "max_train_descriptions",
+                    "retriever_max_steps_per_phase"]
     for k in non_negative:
         if getattr(cfg, k) < 0:
             raise CozyError(f"config: {k} must not be negative, got {getattr(cfg, k)}")

@@ -12,6 +12,8 @@ Metrics (means over the evaluated questions):
   title_recall@{1,5}       one of the first k passages comes from the item's article (items with titles;
                            underscores in titles such as SQuAD's `Super_Bowl_50` count as spaces)
   latency_p50_s/_p95_s     per-question time, answering `batch_size` questions at a time (batch time / size)
+  by_source, by_type       n, em, f1 (and answer_recall@5) per QA source and per question type (`qtype`), when
+                           the items mix several
 """
 from __future__ import annotations
 
@@ -24,7 +26,8 @@ from tqdm import tqdm  # text bars: they also stream through papermill, where wi
 
 from .atomic import atomic_open, atomic_write_text
 from .errors import CozyError
-from .metrics import answer_recall_at_k, evidence_recall_at_k, exact_match, f1_score, percentile, title_recall_at_k
+from .metrics import (answer_in_text, answer_recall_at_k, evidence_recall_at_k, exact_match, f1_score, normalize_answer, percentile,
+                      title_recall_at_k)
 
 
 def _title(t: str) -> str:
@@ -53,10 +56,14 @@ def evaluate(rag, items: Sequence[dict], mode: str = "rag", top_k: int | None = 
         for it, out in zip(chunk, outs):
             texts = [p["text"] for p in out["passages"]]
             titles = [_title(p["title"]) for p in out["passages"]]
-            row = {"id": it.get("id"), "source": it.get("source"), "question": it["question"], "answers": it["answers"],
+            row = {"id": it.get("id"), "source": it.get("source"), "qtype": it.get("qtype"),
+                   "question": it["question"], "answers": it["answers"],
                    "prediction": out["answer"], "em": exact_match(out["answer"], it["answers"]),
                    "f1": f1_score(out["answer"], it["answers"]), "latency_s": out["timings"]["total_s"],
-                   "passages": [{"id": p["id"], "title": p["title"], "score": p["score"]} for p in out["passages"]]}
+                   "passages": [{"id": p["id"], "title": p["title"], "score": p["score"]} for p in out["passages"]],
+                   "answer_sentence": answer_sentence(out["answer"], out.get("context_sentences") or [])}
+            if mode != "closed":  # is a gold answer in the context the generator was given (after the cuts)?
+                row["context_has_answer"] = float(answer_in_text(it["answers"], out["context"]))
             if mode == "rag":
                 for kk in sorted({1, 5, k}):
                     row[f"answer_recall@{kk}"] = answer_recall_at_k(it["answers"], texts, kk)
@@ -75,19 +82,40 @@ def evaluate(rag, items: Sequence[dict], mode: str = "rag", top_k: int | None = 
             summary[f"answer_recall@{kk}"] = mean(f"answer_recall@{kk}")
         if any("title_recall@1" in p for p in preds):
             summary["title_recall@1"], summary["title_recall@5"] = mean("title_recall@1"), mean("title_recall@5")
+    if mode != "closed":
+        summary["context_has_answer"] = mean("context_has_answer")
     lat = [p["latency_s"] for p in preds]
     summary["latency_p50_s"] = round(percentile(lat, 50), 4)
     summary["latency_p95_s"] = round(percentile(lat, 95), 4)
-    sources = sorted({p["source"] for p in preds if p["source"]})
-    if len(sources) > 1:  # e.g. built-in descriptions and SQuAD spans score very differently
-        summary["by_source"] = {}
-        for src in sources:
-            rows = [p for p in preds if p["source"] == src]
-            summary["by_source"][src] = {"n": len(rows), "em": mean("em", rows), "f1": mean("f1", rows),
-                                         **({"answer_recall@5": mean("answer_recall@5", rows)} if mode == "rag" else {})}
+    for field, name in (("source", "by_source"), ("qtype", "by_type")):
+        groups = sorted({p[field] for p in preds if p[field]})
+        if len(groups) > 1:  # e.g. built-in descriptions and SQuAD spans, or names and years, score very differently
+            summary[name] = {}
+            for g in groups:
+                rows = [p for p in preds if p[field] == g]
+                summary[name][g] = {"n": len(rows), "em": mean("em", rows), "f1": mean("f1", rows),
+                                    **({"answer_recall@5": mean("answer_recall@5", rows)} if mode == "rag" else {})}
     if skipped:
         summary["skipped_without_context"] = skipped
     return summary, preds
+
+
+def answer_sentence(answer: str, sentences: Sequence[str]) -> str | None:
+    """The context sentence the answer was most likely read from: the first that holds it, else the one
+    sharing most of its words; None for an empty answer or context.
+
+    >>> answer_sentence("Jane Austen", ["It was published in 1813.", "It is a novel by Jane Austen."])
+    'It is a novel by Jane Austen.'
+    """
+    norm = normalize_answer(answer)
+    if not norm or not sentences:
+        return None
+    for s in sentences:
+        if f" {norm} " in f" {normalize_answer(s)} ":
+            return s
+    words = set(norm.split())
+    best = max(sentences, key=lambda s: len(words & set(normalize_answer(s).split())))
+    return best if words & set(normalize_answer(best).split()) else None
 
 
 def recall_at_ks(rag, items: Sequence[dict], ks: Sequence[int], batch_size: int = 64) -> dict[str, list[float]]:

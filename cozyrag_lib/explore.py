@@ -88,16 +88,80 @@ def summary_table(summaries: Sequence[dict], keys: Sequence[str] = ("model", "mo
     return "\n".join(lines)
 
 
-def source_table(summaries: Sequence[dict]) -> str:
-    """A markdown table of each summary's `by_source` metrics (empty when the items had one source)."""
-    rows = [(s, src, m) for s in summaries for src, m in s.get("by_source", {}).items()]
+def group_table(summaries: Sequence[dict], by: str = "by_source") -> str:
+    """A markdown table of each summary's per-group metrics, `by_source` or `by_type` (empty when there are none)."""
+    rows = [(s, g, m) for s in summaries for g, m in s.get(by, {}).items()]
     if not rows:
         return ""
-    lines = ["| model | mode | source | n | em | f1 | answer_recall@5 |", "|---|---|---|---|---|---|---|"]
-    for s, src, m in rows:
+    head = "source" if by == "by_source" else "type"
+    lines = [f"| model | mode | {head} | n | em | f1 | answer_recall@5 |", "|---|---|---|---|---|---|---|"]
+    for s, g, m in rows:
         ar = m.get("answer_recall@5")
-        lines.append(f"| {s.get('model', s.get('run'))} | {s['mode']} | {Path(src).name} | {m['n']} | {m['em']:.3f} | "
+        lines.append(f"| {s.get('model', s.get('run'))} | {s['mode']} | {Path(g).name} | {m['n']} | {m['em']:.3f} | "
                      f"{m['f1']:.3f} | {'-' if ar is None else f'{ar:.3f}'} |")
+    return "\n".join(lines)
+
+
+def source_table(summaries: Sequence[dict]) -> str:
+    """`group_table` by QA source."""
+    return group_table(summaries, "by_source")
+
+
+def type_table(summaries: Sequence[dict]) -> str:
+    """`group_table` by question type (description, person, place, date, number, thing)."""
+    return group_table(summaries, "by_type")
+
+
+def _cell(text) -> str:
+    """Text for one markdown table cell: '-' when empty, pipes escaped, one line."""
+    return "-" if text is None or text == "" else str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _round_robin(rows: Sequence[dict], n: int, seed: int) -> list[dict]:
+    """`n` rows drawn with a seed, one question type after another, so rare types show up too."""
+    import random
+
+    by_type: dict = {}
+    for r in rows:
+        by_type.setdefault(r.get("qtype") or "-", []).append(r)
+    rng, pools = random.Random(seed), [list(v) for v in by_type.values()]
+    for pool in pools:
+        rng.shuffle(pool)
+    picked = []
+    while len(picked) < n and any(pools):
+        for pool in pools:
+            if pool and len(picked) < n:
+                picked.append(pool.pop())
+    return picked
+
+
+def answers_table(predictions: Sequence[dict], n: int = 12, seed: int = 0) -> str:
+    """A markdown table of `n` predictions (a seeded draw, one per question type in turn): question, gold,
+    answer, and the context sentence the answer came from."""
+    lines = ["| type | question | gold | answer | EM | from the sentence |", "|---|---|---|---|---|---|"]
+    for p in _round_robin(predictions, n, seed):
+        lines.append(f"| {_cell(p.get('qtype'))} | {_cell(p['question'])} | {_cell(' / '.join(p['answers'][:2]))} | "
+                     f"{_cell(p['prediction'])} | {p['em']:.0f} | {_cell(p.get('answer_sentence'))} |")
+    return "\n".join(lines)
+
+
+def qa_table(items: Sequence[dict], n: int = 8, seed: int = 0) -> str:
+    """A markdown table of `n` QA items, a seeded draw taking each question type in turn."""
+    picked = _round_robin(items, n, seed)
+    lines = ["| type | question | answers | title | source |", "|---|---|---|---|---|"]
+    lines += [f"| {_cell(q.get('qtype'))} | {_cell(q['question'])} | {_cell(' / '.join(q['answers']))} | "
+              f"{_cell(q.get('title'))} | {_cell(q.get('source'))} |" for q in picked]
+    return "\n".join(lines)
+
+
+def qtype_split_table(summary: dict) -> str:
+    """A markdown table of questions per type and split, from a prepare-qa summary ("" without types)."""
+    rows = [(src, t, c) for src, st in summary["sources"].items() for t, c in st.get("qtype_splits", {}).items()]
+    if not rows:
+        return ""
+    splits = ("train", "validation", "test")
+    lines = ["| source | type | " + " | ".join(splits) + " |", "|---|---|" + "---|" * len(splits)]
+    lines += [f"| {src} | {t} | " + " | ".join(str(c[s]) for s in splits) + " |" for src, t, c in rows]
     return "\n".join(lines)
 
 

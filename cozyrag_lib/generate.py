@@ -14,8 +14,9 @@ import torch
 # Markup a generator may emit that never belongs in an answer: special tokens like <|im_end|> or
 # <|endoftext|>, and bracketed internal markers like <SEP> or <pad>.
 _SPECIAL = re.compile(r"<\|[^|>]*\|>|</?s>|<(?:SEP|sep|pad|PAD|unk|UNK|CLS|cls|MASK|mask|eos|bos)>")
-# Where an answer ends when the model runs on into a new prompt: a newline or a template label.
-_RUN_ON = re.compile(r"\n|\b(?:Q|Question|Context|A|Answer):", re.IGNORECASE)
+# Where an answer ends when the model runs on into a new prompt: a newline, or a new "Q:" / "Question:" /
+# "Context:" label after a space. An "A:" inside the answer is content ("Vitamin A: a nutrient"), not a cut.
+_RUN_ON = re.compile(r"\n|\s(?:Q|Question|Context):(?=\s|$)")
 _LEAD = re.compile(r"^\s*(?:A|Answer)\s*:\s*", re.IGNORECASE)
 
 
@@ -26,6 +27,8 @@ def postprocess_answer(text: str, prompt: str | None = None) -> str:
     'Ann'
     >>> postprocess_answer("  A: German physicist</s> extra\\nQ:")
     'German physicist extra'
+    >>> postprocess_answer("Vitamin A: a nutrient")   # a label inside the answer is kept
+    'Vitamin A: a nutrient'
     """
     text = _SPECIAL.sub("", text)
     if prompt and text.startswith(prompt):  # a model that echoes its whole prompt

@@ -2,11 +2,13 @@
 
 Every importer yields the same record, which is also one line of `qa/{train,validation,test}.jsonl`:
     {"id": str, "question": str, "answers": [str, ...], "title": str (optional), "context": str (optional),
-     "source": str}
+     "source": str, "qtype": str (optional: what kind of answer), "rule": str (optional: how it was derived)}
 
 Sources (`cfg.qa_sources`, each "builtin" or a file path; `cfg.qa_format` names the file format or "auto"):
-  * builtin - one question per article of the embedded Wikipedia summaries, answered by its description:
-              "Who was Alvar Aalto?" -> "Finnish architect and designer (1898–1976)";
+  * builtin - questions about the embedded Wikipedia summaries: one per article answered by its description
+              ("Who was Alvar Aalto?" -> "Finnish architect and designer (1898–1976)", qtype "description"), and
+              factoids whose answers are spans of the article's text ("What is the capital of France?" ->
+              "Paris"; qtype person, place, date, number or thing; see factoids.py);
   * squad   - SQuAD v1.1/v2.0 JSON (`data[].title`, `paragraphs[].context`, `qas[].id/question/answers[].text`);
               v2 questions marked `is_impossible` are skipped and counted;
   * qabot   - text blocks `Q: ...` / `A: ...` separated by blank lines (several A: lines = several answers);
@@ -37,6 +39,7 @@ from tqdm import tqdm  # text bars: they also stream through papermill, where wi
 
 from .atomic import atomic_dir
 from .errors import CozyError
+from .factoids import article_factoids
 from .metrics import normalize_answer
 
 BUILTIN = "builtin"
@@ -369,7 +372,8 @@ def _jsonl_answers(rec: dict) -> list[str]:
 
 
 def parse_jsonl(path: str | Path, text: str, source: str, skips: Skips) -> tuple[list[dict], int]:
-    """One JSON object a line: `question` and `answer` (str or list) or `answers`; optional id, title, context."""
+    """One JSON object a line: `question` and `answer` (str or list) or `answers`; optional id, title, context,
+    and source / qtype / rule (as prepare-qa writes them; `source` otherwise is the file's name)."""
     items = []
     for n, line in enumerate(_progress(_lines(text), str(path)), 1):
         if not line.strip():
@@ -390,8 +394,12 @@ def parse_jsonl(path: str | Path, text: str, source: str, skips: Skips) -> tuple
             for key, types in (("id", (str, int)), ("title", (str,)), ("context", (str,))):
                 if key in rec and (not isinstance(rec[key], types) or isinstance(rec[key], bool)):
                     raise _Skip(f"'{key}' has the wrong type", f"(got {_json_type(rec[key])})")
-            items.append(_item(source, rec["question"], _jsonl_answers(rec), id=rec.get("id"),
-                               title=rec.get("title"), context=rec.get("context")))
+            item = _item(source, rec["question"], _jsonl_answers(rec), id=rec.get("id"), title=rec.get("title"),
+                         context=rec.get("context"))
+            for key in ("source", "qtype", "rule"):  # a split written by prepare-qa keeps what it knew
+                if isinstance(rec.get(key), str) and rec[key].strip():
+                    item[key] = rec[key].strip()
+            items.append(item)
         except _Skip as s:
             skips.add(n, s)
     return items, 0
@@ -456,19 +464,27 @@ def embedded_articles(max_articles: int = 0) -> list[dict]:
 
 
 def builtin_qa(max_articles: int = 0) -> tuple[list[dict], dict]:
-    """One question per embedded article, answered by its one-line description (same stats as load_qa_file)."""
+    """Questions about the embedded articles (same stats as load_qa_file, plus counts per qtype).
+
+    Per article: its description question ("What is X?" -> the one-line description, qtype "description"),
+    then up to factoids.MAX_PER_ARTICLE factoids whose answers are spans of the article's extract.
+    """
     items, skips = [], Skips(BUILTIN)
     for art in embedded_articles(max_articles):
-        title, desc = art["title"], art.get("description") or ""
+        title, desc, extract = art["title"], art.get("description") or "", art.get("extract")
         try:
             if not desc.strip():
                 raise _Skip("empty description")
             question = builtin_question(title, art.get("topic") or "")
-            items.append(_item(BUILTIN, question, [desc], title=title, context=art.get("extract")))
+            items.append({**_item(BUILTIN, question, [desc], title=title, context=extract), "qtype": "description"})
         except _Skip as s:
             skips.add(repr(title), s)
+        for f in article_factoids(art):
+            items.append({**_item(BUILTIN, f.question, f.answers, title=title, context=extract),
+                          "qtype": f.qtype, "rule": f.rule})
     stats = {"path": "embedded:wiki-summaries-en", "format": BUILTIN, "items": len(items), "unanswerable": 0,
-             "skipped": skips.total, "skip_reasons": dict(skips.counts), "skip_examples": skips.examples}
+             "skipped": skips.total, "skip_reasons": dict(skips.counts), "skip_examples": skips.examples,
+             "qtypes": dict(sorted(Counter(it["qtype"] for it in items).items()))}
     return items, stats
 
 
@@ -498,14 +514,18 @@ def prepare_qa(cfg) -> dict:
                 continue
             seen.add(key)
             kept.append(item)
-        per_split = Counter()
+        per_split, per_type = Counter(), {}
         for item in kept:
             split = split_of(split_key(item))
             splits[split].append(item)
             per_split[split] += 1
+            if "qtype" in item:
+                per_type.setdefault(item["qtype"], Counter())[split] += 1
         name = entry if entry not in sources else f"{entry}#{len(sources) + 1}"
         sources[name] = {**stats, "duplicates": duplicates, "capped": len(items) - len(kept) - duplicates,
                          "kept": len(kept), "splits": {s: per_split[s] for s in SPLITS}}
+        if per_type:  # the built-in set: questions per answer type and split
+            sources[name]["qtype_splits"] = {t: {s: c[s] for s in SPLITS} for t, c in sorted(per_type.items())}
 
     total = sum(len(v) for v in splits.values())  # > 0: the first source keeps at least one pair
     out = cfg.run_dir / "qa"

@@ -25,7 +25,7 @@ import torch
 
 from .config import Config, load_config
 from .errors import CozyError
-from .train import FINAL as TRAINED  # training writes final/{generator,retriever,index} under the run folder
+from .paths import FINAL as TRAINED  # training writes final/{generator,retriever,index} under the run folder
 
 MODES = ("rag", "closed", "oracle")
 

@@ -60,13 +60,13 @@ from tqdm import tqdm  # text bars: they also stream through papermill, where wi
 from . import distributed
 from .atomic import atomic_dir, atomic_path, atomic_write_text
 from .config import Config, load_config, parse_cli_overrides
-from .errors import CozyError, first_line
+from .errors import CozyError, first_line, run_guarded
 from .models import autocast
+from .paths import FINAL
 from .retrieval import (CHAT, SentenceCache, build_contexts, collate, encode_example, format_prompt, gold_passages,
                         retrieve, to_device, truncate_tokens)
 
 CHECKPOINT = "checkpoints/last"
-FINAL = "final"  # trained generator/, retriever/ and refreshed index/ (read by rag.RAG.load)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -150,6 +150,10 @@ def load_train_items(cfg: Config) -> list[dict]:
     for path in cfg.qa_extra:  # the same split rule as prepare-qa, so no validation article leaks in
         extra, _ = load_qa_file(path, "auto")
         items += [it for it in extra if split_of(split_key(it)) == "train"]
+    if cfg.max_train_descriptions:  # fewer description questions, every factoid and file item kept
+        desc = [i for i, it in enumerate(items) if it.get("qtype") == "description"]
+        keep = set(seeded_sample(desc, cfg.max_train_descriptions, cfg.seed))
+        items = [it for i, it in enumerate(items) if it.get("qtype") != "description" or i in keep]
     items = seeded_sample(items, cfg.max_train_qa, cfg.seed)
     if not items:
         raise CozyError(f"{cfg.run_dir / 'qa' / 'train.jsonl'}: no training QA pairs; check qa_sources and rerun prepare-qa")
@@ -163,9 +167,12 @@ def plan_phases(cfg: Config, n_items: int, world: int) -> list[tuple[str, int]]:
         raise CozyError(f"{n_items} training QA pairs are fewer than one global batch ({cfg.batch_size} x {world} "
                         "processes); lower batch_size or add QA")
     steps = max(1, int(cfg.epochs_per_phase * per_epoch) // cfg.grad_accum)
-    if cfg.max_steps_per_phase:
-        steps = min(steps, cfg.max_steps_per_phase)
-    return [(kind, steps) for kind in cfg.phases * cfg.phase_repeats]
+
+    def cap(kind: str) -> int:
+        limit = (cfg.retriever_max_steps_per_phase if kind == "retriever" else 0) or cfg.max_steps_per_phase
+        return min(steps, limit) if limit else steps
+
+    return [(kind, cap(kind)) for kind in cfg.phases * cfg.phase_repeats]
 
 
 class PhaseBatches(Dataset):
@@ -469,7 +476,7 @@ def retriever_loss(run: Run, batch: dict) -> tuple[torch.Tensor, dict]:
 @torch.no_grad()
 def estimate_loss(run: Run) -> dict:
     """val_loss and recall@5 on the validation questions (sharded over ranks; see the module docstring)."""
-    from .metrics import answer_recall_at_k, evidence_recall_at_k, title_recall_at_k
+    from .metrics import answer_in_text, answer_recall_at_k, evidence_recall_at_k, title_recall_at_k
 
     cfg, items, passages = run.cfg, run.val_items, run.pindex.passages
     if not items:
@@ -493,6 +500,8 @@ def estimate_loss(run: Run) -> dict:
         run.val_cache = {key: sharded(work, len(items))}
     hits = run.val_cache[key]
     contexts = contexts_for(run, items, cfg.train_max_sentences)
+    extractive = [it for it in items if answer_in_text(it["answers"], it.get("context") or "")]
+    in_context = [answer_in_text(it["answers"], contexts[it["id"]]) for it in extractive]  # survived the cuts?
     share = distributed.shard(len(items))
     nll, n_tok = 0.0, 0
     tok = run.tokenizer
@@ -516,7 +525,8 @@ def estimate_loss(run: Run) -> dict:
             "val_recall@5": sum(h[0] for h in hits.values()) / n,
             "val_recall@1": sum(h[1] for h in hits.values()) / n,
             "val_answer_recall@5": sum(h[2] for h in hits.values()) / n,
-            "val_title_recall@5": sum(titled) / len(titled) if titled else None}
+            "val_title_recall@5": sum(titled) / len(titled) if titled else None,
+            "val_context_has_answer": sum(in_context) / len(in_context) if in_context else None}
 
 
 def answer_val_questions(run: Run) -> list[dict]:
@@ -941,8 +951,6 @@ def cli(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .__main__ import run_guarded
-
     argv = list(sys.argv[1:] if argv is None else argv)
     return run_guarded(lambda: cli(argv), debug="--debug" in argv)
 

@@ -98,6 +98,23 @@ def test_evaluate_breaks_metrics_down_by_source(base_rag, tiny_run):
     assert "by_source" not in one  # a single source needs no breakdown
 
 
+def test_evaluate_breaks_metrics_down_by_question_type(base_rag, tiny_run):
+    test = read_qa(tiny_run.run_dir / "qa" / "test.jsonl")
+    items = [it for it in test if it["qtype"] == "description"][:2] + [it for it in test if it["qtype"] != "description"][:3]
+    assert len(items) == 5, "the tiny test split should hold descriptions and factoids"
+    summary, preds = evaluate(base_rag, items, "rag", top_k=2, batch_size=8, show_progress=False)
+    by = summary["by_type"]
+    assert sum(m["n"] for m in by.values()) == 5 and by["description"]["n"] == 2
+    for qtype, m in by.items():
+        rows = [p for p in preds if p["qtype"] == qtype]
+        assert m["em"] == pytest.approx(sum(p["em"] for p in rows) / len(rows), abs=1e-4)
+    # whether the context given to the generator still held a gold answer, per question and on average
+    assert all(p["context_has_answer"] in (0.0, 1.0) for p in preds)
+    assert summary["context_has_answer"] == pytest.approx(sum(p["context_has_answer"] for p in preds) / 5, abs=1e-4)
+    closed, _ = evaluate(base_rag, items, "closed", batch_size=8, show_progress=False)
+    assert "context_has_answer" not in closed
+
+
 def test_resolve_run_errors(tmp_path):
     with pytest.raises(CozyError, match="no such run folder"):
         resolve_run(tmp_path / "nope")
@@ -130,3 +147,12 @@ def test_ask_and_evaluate_commands(tiny_run, tmp_path):
     r = run_cli("evaluate", "--run", run, "--qa", str(tmp_path / "missing.jsonl"))
     assert r.returncode == 2 and r.stderr.startswith("error:") and "Traceback" not in r.stderr
     assert "missing.jsonl" in r.stderr
+
+
+def test_answer_sentence_is_where_the_answer_was_read():
+    from cozyrag_lib.evaluate import answer_sentence
+
+    sents = ["It was published in 1813.", "Pride and Prejudice is a novel by English author Jane Austen."]
+    assert answer_sentence("Jane Austen", sents) == sents[1]
+    assert answer_sentence("the year 1813", sents) == sents[0]  # no sentence holds it: most shared words
+    assert answer_sentence("Paris", sents) is None and answer_sentence("", sents) is None

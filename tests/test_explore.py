@@ -4,7 +4,8 @@ from types import SimpleNamespace
 import pytest
 
 from cozyrag_lib.explore import (answer_html, plot_em_f1, plot_latency, plot_recall, question_box, recall_table,
-                                 source_table, summary_table)
+                                 source_table, summary_table, type_table, answers_table,
+                                 qa_table, qtype_split_table)
 
 OUT = {"question": "Who wrote it?", "answer": "Ann <b>", "mode": "rag",
        "passages": [{"id": "p1", "title": "Books", "text": "Ann wrote it. Cats sleep.", "score": 0.9}],
@@ -50,6 +51,30 @@ def test_source_table_one_row_per_summary_and_source():
     lines = source_table([s, {"model": "base", "mode": "closed"}]).splitlines()
     assert len(lines) == 4 and lines[3] == "| trained | rag | dev.json | 2 | 0.500 | 0.750 | 1.000 |"
     assert source_table([{"model": "base", "mode": "rag"}]) == ""
+
+
+def test_type_table_and_answers_table():
+    s = {"model": "trained", "mode": "rag", "by_type": {"date": {"n": 2, "em": 0.5, "f1": 0.5, "answer_recall@5": 1.0}}}
+    assert type_table([s]).splitlines()[2] == "| trained | rag | date | 2 | 0.500 | 0.500 | 1.000 |"
+    preds = [{"qtype": t, "question": f"Q{i}?", "answers": [f"a{i}"], "prediction": f"a{i}" if i % 2 else "x",
+              "em": float(i % 2), "answer_sentence": f"It is a{i}." if i % 2 else None}
+             for i, t in enumerate(["date", "date", "date", "person", "person", "thing"])]
+    lines = answers_table(preds, n=4, seed=0).splitlines()
+    assert lines[0] == "| type | question | gold | answer | EM | from the sentence |" and len(lines) == 6
+    types = [line.split(" | ")[0].strip("| ") for line in lines[2:]]
+    assert sorted(types[:3]) == ["date", "person", "thing"]  # one of each type before any type repeats
+    assert answers_table(preds, n=4, seed=0) == "\n".join(lines)  # seeded: the same rows every time
+
+
+def test_qa_tables():
+    items = [{"qtype": "date", "question": "When? | why", "answers": ["1813"], "title": "P", "source": "builtin"},
+             {"qtype": "description", "question": "What is P?", "answers": ["A novel"], "source": "builtin"}]
+    lines = qa_table(items, n=5).splitlines()
+    assert len(lines) == 4 and "When? \\| why" in qa_table(items) and "| description | What is P? | A novel | - |" in lines[2] + lines[3]
+    summary = {"sources": {"builtin": {"qtype_splits": {"date": {"train": 3, "validation": 1, "test": 0}}},
+                           "x.json": {}}}
+    assert qtype_split_table(summary).splitlines()[2] == "| builtin | date | 3 | 1 | 0 |"
+    assert qtype_split_table({"sources": {"x.json": {}}}) == ""
 
 
 def test_recall_table_rows_per_retriever_and_kind():

@@ -277,10 +277,12 @@ def builtin_full():
 def test_builtin_set_size_and_forms(builtin_full):
     from cozyrag_lib.models import package_file
 
-    items, stats = builtin_full
+    every, stats = builtin_full
+    items = [i for i in every if i["qtype"] == "description"]  # the factoids have tests of their own
     corpus = json.loads(package_file("embedded:wiki-summaries-en").read_text())
     empty = sum(1 for a in corpus.values() if not a["description"].strip())
-    assert len(items) == len(corpus) - empty == stats["items"] and stats["skipped"] == empty
+    assert len(items) == len(corpus) - empty == stats["qtypes"]["description"] and stats["skipped"] == empty
+    assert stats["items"] == len(every) == sum(stats["qtypes"].values())
     assert 9_700 <= len(items) <= 10_000
     assert len({i["id"] for i in items}) == len(items) and len({i["question"] for i in items}) == len(items)
     forms = Counter()
@@ -304,7 +306,7 @@ def test_builtin_set_is_deterministic_and_honours_max_articles(builtin_full):
     items, _ = builtin_full
     first = qa.builtin_qa(max_articles=200)[0]
     titles = sorted(json.loads(package_file("embedded:wiki-summaries-en").read_text()))[:200]
-    assert {i["title"] for i in first} <= set(titles) and len(first) >= 190
+    assert {i["title"] for i in first} <= set(titles) and sum(i["qtype"] == "description" for i in first) >= 190
     assert first == [i for i in items if i["title"] in set(titles)]  # same items, same order
 
 
@@ -315,19 +317,23 @@ def test_prepare_qa_writes_artefacts(tiny_cfg):
     cfg = tiny_cfg
     cfg.qa_sources = ["builtin", str(QA_FIXTURES / "qa.tsv"), str(QA_FIXTURES / "qa.jsonl")]
     summary = qa.prepare_qa(cfg)
+    n_builtin = len(qa.builtin_qa(200)[0])  # 198 descriptions (2 articles have none) and their factoids
     out = cfg.run_dir / "qa"
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "summary.json", "test.jsonl", "train.jsonl",
                                                      "validation.jsonl"]
     assert json.loads((out / "summary.json").read_text()) == summary
     assert json.loads((out / "config.json").read_text())["qa_sources"] == cfg.qa_sources
     splits = read_splits(cfg.run_dir)
-    assert summary["total"] == sum(len(v) for v in splits.values()) == 198 + 4 + 4
-    assert summary["sources"]["builtin"]["kept"] == 198  # 200 articles, 2 without a description
+    assert summary["total"] == sum(len(v) for v in splits.values()) == n_builtin + 4 + 4
+    assert summary["sources"]["builtin"]["kept"] == n_builtin
+    per_type = summary["sources"]["builtin"]["qtype_splits"]  # questions per type and split
+    assert per_type["description"]["train"] + per_type["description"]["validation"] + per_type["description"]["test"] == 198
+    assert sum(sum(v.values()) for v in per_type.values()) == n_builtin
     assert summary["rejected"] == 2 + 2 + 4 and len(summary["rejected_examples"]) == 8
     assert summary["rejected_reasons"]["empty question"] == 2
     for s, rows in splits.items():
         assert all(qa.split_of(r.get("title") or r["question"]) == s for r in rows)
-        assert all(set(r) <= {"id", "question", "answers", "title", "context", "source"} for r in rows)
+        assert all(set(r) <= {"id", "question", "answers", "title", "context", "source", "qtype", "rule"} for r in rows)
     assert not list(out.parent.glob(".qa.*"))  # no temporary folders left behind
 
 
@@ -340,9 +346,20 @@ def test_duplicates_dropped_across_sources_and_max_qa(tmp_path):
     assert summary["sources"][str(tsv)]["duplicates"] == 2
 
     summary = qa.prepare_qa(cfg_for(tmp_path, ["builtin", "builtin"], max_qa=50))
-    assert summary["sources"]["builtin"]["kept"] == 50 and summary["sources"]["builtin"]["capped"] == 148
+    n_builtin = len(qa.builtin_qa(200)[0])
+    assert summary["sources"]["builtin"]["kept"] == 50 and summary["sources"]["builtin"]["capped"] == n_builtin - 50
     assert summary["sources"]["builtin#2"]["duplicates"] == 50 and summary["sources"]["builtin#2"]["kept"] == 50
     assert summary["total"] == 100
+
+
+def test_a_prepared_split_read_back_as_jsonl_keeps_source_and_type(tmp_path):
+    path = tmp_path / "test.jsonl"
+    path.write_text(json.dumps({"id": "builtin-1", "question": "What is the capital of France?", "answers": ["Paris"],
+                                "title": "Paris", "source": "builtin", "qtype": "place", "rule": "capital"}) + "\n"
+                    + json.dumps({"question": "Who?", "answer": "Ann"}) + "\n")
+    items, _ = qa.load_qa_file(path)
+    assert (items[0]["source"], items[0]["qtype"], items[0]["rule"]) == ("builtin", "place", "capital")
+    assert items[1]["source"] == "test.jsonl" and "qtype" not in items[1]  # a plain file: named after itself
 
 
 def test_read_qa_errors(tmp_path):

@@ -146,6 +146,8 @@ def test_plan_phases_caps_and_repeats():
     assert train.plan_phases(cfg, 40, world=2) == [("generator", 3), ("retriever", 3)] * 2
     with pytest.raises(CozyError, match="fewer than one global batch"):
         train.plan_phases(cfg, 7, world=2)
+    cfg.retriever_max_steps_per_phase = 2  # retriever phases get their own cap; generator phases keep theirs
+    assert train.plan_phases(cfg, 40, world=2) == [("generator", 3), ("retriever", 2)] * 2
 
 
 def test_phase_batches_are_the_same_global_batches_for_any_world_size():
@@ -268,6 +270,17 @@ def test_qa_extra_adds_only_its_train_split(stages, tmp_path):
     assert added == [f"About {t}?" for t in titles if split_of(t) == "train"] and "About Geology?" not in added
     capped = train.load_train_items(load_config("tiny", out_root=stages.out_root, max_train_qa=10))
     assert len(capped) == 10
+
+
+def test_max_train_descriptions_keeps_every_factoid(stages):
+    cfg = load_config("tiny", out_root=stages.out_root, max_train_qa=0)
+    every = train.load_train_items(cfg)
+    n_desc = sum(it["qtype"] == "description" for it in every)
+    assert 5 < n_desc < len(every), "the tiny train split should mix descriptions and factoids"
+    cfg.max_train_descriptions = 5
+    fewer = train.load_train_items(cfg)
+    assert sum(it["qtype"] == "description" for it in fewer) == 5
+    assert [it for it in fewer if it["qtype"] != "description"] == [it for it in every if it["qtype"] != "description"]
 
 
 def test_mlflow_is_optional(tmp_path, capsys):

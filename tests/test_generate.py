@@ -1,0 +1,46 @@
+"""Answer clean-up and the newline stopping criterion, on the failure cases seen in real runs."""
+import pytest
+import torch
+
+from cozyrag_lib.generate import _StopAtNewline, postprocess_answer
+
+
+@pytest.mark.parametrize("raw, want", [
+    ("Vitamin A: a nutrient", "Vitamin A: a nutrient"),  # was cut to "Vitamin"
+    ("Hepatitis A: a liver disease", "Hepatitis A: a liver disease"),
+    ("Plan A: the first option", "Plan A: the first option"),
+    ("Answer: Paris", "Paris"),  # a leading label goes
+    ("A: Jane Austen", "Jane Austen"),
+    (" a: 1813", "1813"),
+    ("Paris\nQ: What is the capital of Spain?", "Paris"),  # run-on into a new prompt line
+    ("Paris Q: What is the capital of Spain?", "Paris"),  # the same run-on without the newline
+    ("Paris Context: Madrid is ...", "Paris"),
+    ("Q: Who wrote it?\nContext:\nAusten wrote it.\nA: Jane Austen", "Jane Austen"),  # an echoed prompt
+    ("Paris<|im_end|>", "Paris"),
+    ("299,792,458 m/s", "299,792,458 m/s"),
+    ("German-born   theoretical physicist", "German-born theoretical physicist"),
+    ("QA: quality assurance", "QA: quality assurance"),  # "Q" inside a word is not a label
+])
+def test_postprocess_answer(raw, want):
+    assert postprocess_answer(raw) == want
+
+
+def test_postprocess_answer_strips_an_echoed_prompt_prefix():
+    prompt = "Q: Who?\nContext:\nAnn.\nA: "
+    assert postprocess_answer(prompt + "Ann", prompt=prompt) == "Ann"
+
+
+class _Tok:
+    """Decodes ids as characters (0 = "\\n", 1 = "a", 2 = " ")."""
+
+    def batch_decode(self, rows, skip_special_tokens=True):
+        return ["".join({0: "\n", 1: "a", 2: " "}[int(i)] for i in row) for row in rows]
+
+
+def test_stop_at_newline_waits_for_content():
+    stop = _StopAtNewline(_Tok(), prompt_len=2)  # the first two ids of each row are the prompt
+    rows = torch.tensor([[1, 1, 1, 0],   # content, then a newline: done
+                         [1, 1, 2, 0],   # only a space before the newline: keep going
+                         [1, 1, 0, 1],   # a leading newline, then content: keep going
+                         [1, 1, 1, 1]])  # no newline yet
+    assert stop(rows, None).tolist() == [True, False, False, False]
