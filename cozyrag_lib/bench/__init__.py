@@ -1,0 +1,68 @@
+"""Benchmarks: `python -m cozyrag_lib bench NAME [--preset=NAME] [--key=value ...]`, one JSON line each.
+
+    python -m cozyrag_lib bench index --preset=demo --max_passages=2000
+        passages/s of our embedding against raw encode; FAISS build time and recall@10 per index type
+    python -m cozyrag_lib bench train --preset=demo --steps=20
+        samples/s, tokens/s and MFU of our generator phase against the per-sample loop it replaced
+    python -m cozyrag_lib bench ask --preset=demo --questions=50
+        p50 / p95 latency of one-question answer() calls, split into retrieve / context / generate
+    python -m cozyrag_lib bench scale --preset=demo --n=1000000
+        an IVF-PQ index over a million vectors: build time, memory, recall@10, ms per query
+
+Every benchmark takes `--threads=N` (torch and FAISS threads; 0 = their default) and reports the
+1-minute load average: on a machine other jobs share, waiting threads slow every parallel operation.
+Each lives in its own module (`index.py`, `train.py`, `ask.py`, `scale.py`, whose docstrings list its
+options), what they share in `common.py`. A new benchmark is a function `(args) -> dict` added to `BENCHMARKS`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any, Callable
+
+import torch
+
+from ..errors import CozyError
+from .common import pop_options
+from .ask import bench_ask
+from .index import bench_index
+from .scale import bench_scale
+from .train import bench_train
+
+# name -> function taking the arguments after the name and returning one JSON-able result
+BENCHMARKS: dict[str, Callable[[list[str]], dict[str, Any]]] = {
+    "index": bench_index,
+    "train": bench_train,
+    "ask": bench_ask,
+    "scale": bench_scale,
+}
+
+
+def usage() -> str:
+    """This docstring, then each benchmark module's (what it measures, its options)."""
+    return "\n".join([__doc__ or "", *(sys.modules[f.__module__].__doc__ or "" for f in BENCHMARKS.values())])
+
+
+def cli(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in BENCHMARKS:
+        raise CozyError(f"bench: unknown benchmark '{name}' (known: {', '.join(BENCHMARKS)})")
+    opts, rest = pop_options(rest, {"threads": 0})
+    import faiss
+
+    before = torch.get_num_threads(), faiss.omp_get_max_threads()
+    if opts["threads"]:  # e.g. 1 on a machine other jobs share: idle-waiting threads stall every parallel op
+        torch.set_num_threads(opts["threads"])
+        faiss.omp_set_num_threads(opts["threads"])
+    try:
+        result = BENCHMARKS[name](rest)
+        result.update(threads=torch.get_num_threads(), load_avg_1m=round(os.getloadavg()[0], 2))  # what else ran
+    finally:  # in-process callers (tests, notebooks) keep their own settings
+        torch.set_num_threads(before[0])
+        faiss.omp_set_num_threads(before[1])
+    print(json.dumps(result), flush=True)
+    return 0

@@ -1,0 +1,214 @@
+"""What the benchmarks share: their option parsing, a stopwatch, the machine's matmul peak, FLOP counts,
+recall@k against exact search, and a run with stages 1-3 (QA, passages, index) to measure on."""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..chunking import chunk_corpus
+from ..config import load_config, parse_cli_overrides
+from ..errors import CozyError
+from ..index import build_index
+from ..qa import prepare_qa
+
+# ----------------------------------------------------------------------------------------------
+# options and config
+
+
+def pop_options(args: list[str], defaults: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """Take the benchmark's own `--name=value` options out of `args` (typed like their defaults); the rest
+    are config overrides.
+
+    >>> pop_options(["--steps=3", "--style=ours", "--top_k=3"], {"steps": 20, "style": "both"})
+    ({'steps': 3, 'style': 'ours'}, ['--top_k=3'])
+    """
+    opts, rest = dict(defaults), []
+    for a in args:
+        key, _, value = a[2:].partition("=") if a.startswith("--") else ("", "", "")
+        key = key.replace("-", "_")
+        if key not in defaults:
+            rest.append(a)
+            continue
+        kind = type(defaults[key])
+        if kind is str:
+            opts[key] = value
+            continue
+        try:
+            opts[key] = kind(value)
+        except ValueError:
+            name = {int: "an integer", float: "a number"}.get(kind, kind.__name__)
+            raise CozyError(f"bench: --{key}={value!r} is not {name}") from None
+        if opts[key] < 0:
+            raise CozyError(f"bench: --{key} must not be negative, got {opts[key]}")
+    return opts, rest
+
+
+def pop_int_options(args: list[str], defaults: dict[str, int]) -> tuple[dict[str, int], list[str]]:
+    """`pop_options` for integer options.
+
+    >>> pop_int_options(["--max_passages=10", "--top_k=3"], {"max_passages": 0})
+    ({'max_passages': 10}, ['--top_k=3'])
+    """
+    return pop_options(args, defaults)
+
+
+def bench_config(args: list[str]):
+    """The Config of `--preset=NAME --key=value ...` (preset demo unless given)."""
+    preset, overrides = parse_cli_overrides(args)
+    return load_config(preset or "demo", overrides)
+
+
+def device_name(device) -> str:
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+# ----------------------------------------------------------------------------------------------
+# timing and the machine's peak
+
+
+class Stopwatch:
+    """Seconds per named part, summed over calls; CUDA work is waited for at both ends of a part.
+
+    >>> watch = Stopwatch(torch.device("cpu"))
+    >>> with watch("step"):
+    ...     pass
+    >>> list(watch.seconds)
+    ['step']
+    """
+
+    def __init__(self, device):
+        self.device, self.seconds = device, {}
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        self.sync()
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.sync()
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+
+    @property
+    def total(self) -> float:
+        return sum(self.seconds.values())
+
+
+def matmul_peak(device, dtype, n: int | None = None, repeats: int = 5) -> float:
+    """FLOP/s of the fastest of `repeats` (n, n) @ (n, n) matmuls in `dtype`: the machine's practical peak.
+
+    n defaults to 2048 on CPU (large enough for full speed, a tenth of a second each) and 8192 on GPU.
+    """
+    n = n or (8192 if device.type == "cuda" else 2048)
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    watch = Stopwatch(device)
+    torch.matmul(a, b)  # warm-up: thread pool, kernel choice
+    best = math.inf
+    for _ in range(repeats):
+        watch.sync()
+        t0 = time.perf_counter()
+        torch.matmul(a, b)
+        watch.sync()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best
+
+
+# ----------------------------------------------------------------------------------------------
+# training: FLOP counts, the end of a step
+
+
+def flop_shape(lm) -> dict[str, int]:
+    """What the FLOP count needs: layers, width, vocabulary, and the parameters outside embeddings and LM head."""
+    head = lm.get_output_embeddings().weight
+    tables = {id(p) for m in lm.modules() if isinstance(m, nn.Embedding) for p in m.parameters()} | {id(head)}
+    c = lm.config
+    return {"layers": c.num_hidden_layers, "width": c.hidden_size, "vocab": head.shape[0],
+            "body_params": sum(p.numel() for p in lm.parameters() if id(p) not in tables)}
+
+
+def training_flops(shape: dict[str, int], lengths: list[int], head_positions: int) -> float:
+    """FLOPs of a training step (forward + backward = 3 x forward) over sequences of `lengths` tokens.
+
+    Forward, per sequence of T tokens: 2 x body params x T (each weight matrix once per token), plus
+    4 x layers x width x T^2 (attention scores and their weighted sum, the full square), plus
+    2 x width x vocab for each position that goes through the LM head.
+
+    >>> training_flops({"layers": 1, "width": 2, "vocab": 3, "body_params": 10}, [4], head_positions=1)
+    660
+    """
+    L, d = shape["layers"], shape["width"]
+    forward = sum(2 * shape["body_params"] * T + 4 * L * d * T * T for T in lengths)
+    return 3 * (forward + 2 * d * shape["vocab"] * head_positions)
+
+
+def clip_and_step(params: list, opt, grad_clip: float) -> None:
+    """The end of a training step as `train_loop` does it: clip the global norm, step, drop the gradients."""
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# search quality
+
+
+def recall_at(found: np.ndarray, exact: np.ndarray) -> float:
+    """Mean share of each exact top-k list (rows of ids) that `found` recovered; -1 (no result) never matches
+    a real id.
+
+    >>> recall_at(np.array([[1, 2], [3, -1]]), np.array([[2, 1], [3, 4]]))
+    0.75
+    """
+    return float(np.mean([len(set(a.tolist()) & set(b.tolist())) / len(b) for a, b in zip(found, exact)]))
+
+
+# ----------------------------------------------------------------------------------------------
+# a run with stages 1-3
+
+
+def has_stages(cfg) -> bool:
+    rd = cfg.run_dir
+    return all(p.is_file() for p in (rd / "qa" / "train.jsonl", rd / "passages.jsonl", rd / "index" / "manifest.json"))
+
+
+def run_with_stages(cfg, fallback_articles: int = 0):
+    """`cfg` for a run that has stages 1-3 (QA, passages, index), building what is missing.
+
+    With `fallback_articles`, a run without them is left alone: a small run over that many articles of
+    the embedded corpus is built once under the temporary folder (`cozyrag-bench/`) and used instead.
+    """
+    if has_stages(cfg):
+        return cfg
+    if fallback_articles:
+        articles = cfg.max_articles or fallback_articles
+        cfg = dataclasses.replace(cfg, out_root=str(Path(tempfile.gettempdir()) / "cozyrag-bench"),
+                                  run_name=f"{cfg.run_name}-{articles}-articles", max_articles=articles)
+        if has_stages(cfg):
+            return cfg
+    print(f"bench: building stages 1-3 in {cfg.run_dir}", file=sys.stderr, flush=True)
+    rd = cfg.run_dir
+    if not (rd / "qa" / "train.jsonl").is_file():
+        prepare_qa(cfg)
+    if not (rd / "passages.jsonl").is_file():
+        chunk_corpus(cfg)
+    if not (rd / "index" / "manifest.json").is_file():
+        build_index(cfg)
+    return cfg
