@@ -9,6 +9,10 @@ import pytest
 import torch
 
 from cozyrag_lib import bench
+from cozyrag_lib.bench.common import flop_shape, matmul_peak, pop_options, recall_at, training_flops
+from cozyrag_lib.bench.per_sample import PerSampleStep
+from cozyrag_lib.bench.scale import scale_vectors
+from cozyrag_lib.bench.train import original_settings
 from cozyrag_lib.errors import CozyError
 
 
@@ -34,14 +38,14 @@ def positive(x) -> bool:
 def test_training_flops_counts_body_attention_and_head():
     shape = {"layers": 2, "width": 4, "vocab": 10, "body_params": 100}
     # forward: 2*100*3 (weights) + 4*2*4*9 (attention) + 2*4*10*2 (head at 2 positions); training = 3x
-    assert bench.training_flops(shape, [3], head_positions=2) == 3 * (600 + 288 + 160)
+    assert training_flops(shape, [3], head_positions=2) == 3 * (600 + 288 + 160)
     # two sequences cost their sum; the head term only grows with head positions
-    assert bench.training_flops(shape, [3, 5], 0) == bench.training_flops(shape, [3], 0) + bench.training_flops(shape, [5], 0)
+    assert training_flops(shape, [3, 5], 0) == training_flops(shape, [3], 0) + training_flops(shape, [5], 0)
 
 
 def test_flop_shape_leaves_out_embeddings_and_head(tiny_generator):
     lm, _ = tiny_generator
-    shape = bench.flop_shape(lm)
+    shape = flop_shape(lm)
     c = lm.config
     per_layer = 12 * c.n_embd ** 2 + 13 * c.n_embd  # attention + MLP weights and biases, two layer norms
     assert shape["layers"] == c.n_layer and shape["width"] == c.n_embd and shape["vocab"] == c.vocab_size
@@ -49,33 +53,40 @@ def test_flop_shape_leaves_out_embeddings_and_head(tiny_generator):
 
 
 def test_matmul_peak_is_a_rate():
-    assert positive(bench.matmul_peak(torch.device("cpu"), torch.float32, n=128, repeats=2))
+    assert positive(matmul_peak(torch.device("cpu"), torch.float32, n=128, repeats=2))
 
 
 def test_pop_options_types_and_errors():
-    opts, rest = bench.pop_options(["--steps=3", "--noise=0.5", "--style=ours", "--top_k=2"],
-                                   {"steps": 20, "noise": 1.0, "style": "both"})
+    opts, rest = pop_options(["--steps=3", "--noise=0.5", "--style=ours", "--top_k=2"],
+                             {"steps": 20, "noise": 1.0, "style": "both"})
     assert opts == {"steps": 3, "noise": 0.5, "style": "ours"} and rest == ["--top_k=2"]
     with pytest.raises(CozyError, match="--steps='x' is not an integer"):
-        bench.pop_options(["--steps=x"], {"steps": 20})
+        pop_options(["--steps=x"], {"steps": 20})
     with pytest.raises(CozyError, match="must not be negative"):
-        bench.pop_options(["--noise=-1"], {"noise": 1.0})
+        pop_options(["--noise=-1"], {"noise": 1.0})
+
+
+def test_original_settings_come_from_the_original_preset():
+    """The original's training settings as `bench train` applies them (presets/original.toml; grad_accum,
+    which the preset leaves to the default, pinned at 1)."""
+    assert original_settings() == {"top_k": 4, "train_max_sentences": 10, "context_tokens": 128, "max_length": 256,
+                                   "batch_size": 4, "grad_accum": 1, "lr_generator": 5e-5}
 
 
 def test_scale_vectors_are_unit_noisy_copies():
     base = np.eye(4, dtype=np.float32)
-    x = bench.scale_vectors(base, 10, noise=0.1, seed=0)
+    x = scale_vectors(base, 10, noise=0.1, seed=0)
     assert x.shape == (10, 4)
     np.testing.assert_allclose(np.linalg.norm(x, axis=1), 1.0, atol=1e-5)
     assert (x.argmax(1) == np.arange(10) % 4).all()  # small noise: each copy stays nearest its source
-    np.testing.assert_array_equal(x, bench.scale_vectors(base, 10, noise=0.1, seed=0))  # seeded
-    assert bench.recall_at(np.array([[1, 2], [3, -1]]), np.array([[2, 1], [3, 4]])) == 0.75
+    np.testing.assert_array_equal(x, scale_vectors(base, 10, noise=0.1, seed=0))  # seeded
+    assert recall_at(np.array([[1, 2], [3, -1]]), np.array([[2, 1], [3, 4]])) == 0.75
 
 
 def test_per_sample_argmax_penalties_are_constants(tiny_run, tiny_generator):
     """The per-sample step's penalties come from argmax tokens: a float, no gradient (what it stands for)."""
     lm, tok = tiny_generator
-    step = bench.PerSampleStep(tiny_run, lm, tok, retriever=None, pindex=None, autocast=None)
+    step = PerSampleStep(tiny_run, lm, tok, retriever=None, pindex=None, autocast=None)
     items = [{"question": "Who was Ann?", "answers": ["a painter"]}, {"question": "What is X?", "answers": ["a thing"]}]
     batch = step.batch(items, ["Ann was a painter.", ""])
     assert batch["input_ids"].shape == (2, tiny_run.max_length)  # padded to max_length, whatever the length
