@@ -16,8 +16,8 @@ function of the article, so the set is the same on every machine. `qtype` says w
 answer is (person, place, date, number, thing); `rule` says which pattern made it.
 
     >>> art = {"title": "Oslo", "extract": "Oslo is the capital and most populous city of Norway. It has a population of 724,290."}
-    >>> [(f.qtype, f.question, f.answers) for f in article_factoids(art)]     # doctest: +SKIP
-    [('place', 'What is the capital of Norway?', ['Oslo']), ('number', 'How many people live in Oslo?', ['724,290'])]
+    >>> [(f.qtype, f.question, f.answers) for f in article_factoids(art)]
+    [('place', 'What city serves as the capital of Norway?', ['Oslo']), ('number', 'What is the population of Oslo?', ['724,290'])]
 """
 from __future__ import annotations
 
