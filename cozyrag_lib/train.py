@@ -1023,7 +1023,7 @@ def plot_metrics(run_dir: str | Path):
     for k in ("ngram_repeat", "keyword_overlap", "short_answer"):
         curve(axes[1], k, gen, marker=".", ls="")
     curve(axes[2], "val_loss", evals, marker="o")
-    for k in ("val_recall@5", "val_answer_recall@5", "val_title_recall@5", "val_recall@1"):
+    for k in ("val_recall@5", "val_answer_recall@5", "val_title_recall@5", "val_recall@1", "val_context_has_answer"):
         curve(axes[3], k, evals, marker="o")
     for ax, title in zip(axes, ["training loss", "generator penalties (unweighted)", "validation answer NLL",
                                 "validation retrieval"]):
