@@ -110,12 +110,14 @@ def answer_sentence(answer: str, sentences: Sequence[str]) -> str | None:
     norm = normalize_answer(answer)
     if not norm or not sentences:
         return None
-    for s in sentences:
-        if f" {norm} " in f" {normalize_answer(s)} ":
+    normed = [normalize_answer(s) for s in sentences]
+    for s, n in zip(sentences, normed):
+        if f" {norm} " in f" {n} ":
             return s
     words = set(norm.split())
-    best = max(sentences, key=lambda s: len(words & set(normalize_answer(s).split())))
-    return best if words & set(normalize_answer(best).split()) else None
+    shared = [len(words & set(n.split())) for n in normed]
+    best = max(range(len(sentences)), key=shared.__getitem__)
+    return sentences[best] if shared[best] else None
 
 
 def recall_at_ks(rag, items: Sequence[dict], ks: Sequence[int], batch_size: int = 64) -> dict[str, list[float]]:

@@ -298,11 +298,9 @@ def alias(art: dict, sents: list[Sentence], name: str) -> Iterator[Factoid]:
     if re.search(r" (?:and|in) ", other):
         return  # "Greater Colombia and officially ...", "a chemist in Commonwealth English": not a clean name
     alternatives = [a for a in re.split(r" or |, ", other) if a]
-    forms = ("What is another name for {}?", "By what other name {} {} known?", "{} {} also known as what?",
-             "What else {} {} called?")
-    q = _pick(art["title"] + "alias", forms)
-    verb = "are" if plural else "is"
-    text = q.format(subject) if "{} {}" not in q else q.format(*((subject, verb) if q.startswith("{}") else (verb, subject)))
+    forms = ("What is another name for {x}?", "By what other name {v} {x} known?", "{x} {v} also known as what?",
+             "What else {v} {x} called?")
+    text = _pick(art["title"] + "alias", forms).format(x=subject, v="are" if plural else "is")
     yield Factoid(text[0].upper() + text[1:], _answers(other, *alternatives), "thing", "alias")
 
 

@@ -66,6 +66,11 @@ def title_recall_at_k(gold_title: str, titles: Sequence[str], k: int) -> float:
     return float(gold_title in titles[:k])
 
 
+def is_extractive(item: dict) -> bool:
+    """True when a gold answer occurs in the item's own context (SQuAD, the built-in factoids)."""
+    return answer_in_text(item["answers"], item.get("context") or "")
+
+
 def evidence_recall_at_k(item: dict, passages: Sequence[dict], k: int) -> float:
     """1.0 when the item's gold evidence is in the first k passages ({"text", "title"} dicts).
 
@@ -75,8 +80,7 @@ def evidence_recall_at_k(item: dict, passages: Sequence[dict], k: int) -> float:
     from their article when they name one, else a passage that holds a gold answer.
     """
     top = passages[:k]
-    extractive = answer_in_text(item["answers"], item.get("context") or "")
-    if item.get("title") and not extractive:
+    if item.get("title") and not is_extractive(item):
         return title_recall_at_k(item["title"], [p["title"] for p in top], k)
     return answer_recall_at_k(item["answers"], [p["text"] for p in top], k)
 

@@ -464,7 +464,7 @@ def embedded_articles(max_articles: int = 0) -> list[dict]:
 
 
 def builtin_qa(max_articles: int = 0) -> tuple[list[dict], dict]:
-    """Questions about the embedded articles (same stats as load_qa_file, plus counts per qtype).
+    """Questions about the embedded articles (same stats as load_qa_file; prepare_qa counts them per qtype).
 
     Per article: its description question ("What is X?" -> the one-line description, qtype "description"),
     then up to factoids.MAX_PER_ARTICLE factoids whose answers are spans of the article's extract.
@@ -483,8 +483,7 @@ def builtin_qa(max_articles: int = 0) -> tuple[list[dict], dict]:
             items.append({**_item(BUILTIN, f.question, f.answers, title=title, context=extract),
                           "qtype": f.qtype, "rule": f.rule})
     stats = {"path": "embedded:wiki-summaries-en", "format": BUILTIN, "items": len(items), "unanswerable": 0,
-             "skipped": skips.total, "skip_reasons": dict(skips.counts), "skip_examples": skips.examples,
-             "qtypes": dict(sorted(Counter(it["qtype"] for it in items).items()))}
+             "skipped": skips.total, "skip_reasons": dict(skips.counts), "skip_examples": skips.examples}
     return items, stats
 
 

@@ -476,7 +476,7 @@ def retriever_loss(run: Run, batch: dict) -> tuple[torch.Tensor, dict]:
 @torch.no_grad()
 def estimate_loss(run: Run) -> dict:
     """val_loss and recall@5 on the validation questions (sharded over ranks; see the module docstring)."""
-    from .metrics import answer_in_text, answer_recall_at_k, evidence_recall_at_k, title_recall_at_k
+    from .metrics import answer_in_text, answer_recall_at_k, evidence_recall_at_k, is_extractive, title_recall_at_k
 
     cfg, items, passages = run.cfg, run.val_items, run.pindex.passages
     if not items:
@@ -500,7 +500,7 @@ def estimate_loss(run: Run) -> dict:
         run.val_cache = {key: sharded(work, len(items))}
     hits = run.val_cache[key]
     contexts = contexts_for(run, items, cfg.train_max_sentences)
-    extractive = [it for it in items if answer_in_text(it["answers"], it.get("context") or "")]
+    extractive = [it for it in items if is_extractive(it)]
     in_context = [answer_in_text(it["answers"], contexts[it["id"]]) for it in extractive]  # survived the cuts?
     share = distributed.shard(len(items))
     nll, n_tok = 0.0, 0
