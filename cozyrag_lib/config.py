@@ -23,7 +23,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from .atomic import atomic_write_text
 from .errors import CozyError
+from .paths import RunPaths
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
@@ -120,13 +122,16 @@ class Config:
     def run_dir(self) -> Path:
         return Path(self.out_root) / self.run_name
 
+    @property
+    def paths(self) -> RunPaths:
+        """Every artefact path of this run (`cozyrag_lib.paths`)."""
+        return RunPaths(self.run_dir)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def save(self, path: str | Path) -> None:
         """Write the resolved config as JSON (atomically)."""
-        from .atomic import atomic_write_text
-
         atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
 
