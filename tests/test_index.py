@@ -12,19 +12,20 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, run_cli
+from cozyrag_lib.chunking import chunk_corpus
+from cozyrag_lib.corpus import embedded_corpus
 from cozyrag_lib.errors import CozyError
 from cozyrag_lib.index import (PassageIndex, build_index, embed_corpus, embed_texts, make_faiss_index,
                                make_manifest, passage_texts, save_index)
 from cozyrag_lib.models import EMBEDDED_RETRIEVER
+from cozyrag_lib.paths import RunPaths
 
 N_PASSAGES = 200
 
 
 def corpus_passages(n: int, step: int = 37) -> list[dict]:
     """`n` real passages: lead sections of the embedded Wikipedia corpus, spread over its topics."""
-    from cozyrag_lib.models import package_file
-
-    articles = list(json.loads(package_file("embedded:wiki-summaries-en").read_text(encoding="utf-8")).values())
+    articles = list(embedded_corpus().values())
     picked = articles[::step][:n]
     return [{"id": f"p{i}", "title": a["title"], "text": " ".join(a["extract"].split())} for i, a in enumerate(picked)]
 
@@ -197,23 +198,19 @@ def test_cli_without_passages_is_one_error_line(tmp_path, model_cache):
 
 
 def tiny_passages(cfg) -> None:
-    """passages.jsonl for the tiny preset: from the chunk stage when it exists, else raw lead sections."""
-    try:
-        from cozyrag_lib.chunking import chunk_corpus
-    except ImportError:
-        write_passages(cfg.run_dir / "passages.jsonl", corpus_passages(cfg.max_articles, step=1))
-    else:
-        chunk_corpus(cfg)
+    """passages/passages.jsonl for the tiny preset, from the chunk stage."""
+    chunk_corpus(cfg)
 
 
 @pytest.mark.slow
 def test_torchrun_two_ranks_equal_one_process(tmp_path, tiny_cfg, retriever):
     """A real 2-process gloo build gives the 1-process embeddings, index and search results."""
     tiny_passages(dataclasses.replace(tiny_cfg, max_articles=80))  # ~100 passages keep the test short
-    passages_path = tiny_cfg.run_dir / "passages.jsonl"
+    passages_path = tiny_cfg.paths.passages
     two_root = tmp_path / "two"
-    (two_root / tiny_cfg.run_name).mkdir(parents=True)
-    shutil.copy(passages_path, two_root / tiny_cfg.run_name / "passages.jsonl")
+    two_passages = RunPaths(two_root / tiny_cfg.run_name).passages
+    two_passages.parent.mkdir(parents=True)
+    shutil.copy(passages_path, two_passages)
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "cozyrag_lib", "index", "--preset=tiny", f"--out_root={two_root}",
@@ -229,7 +226,7 @@ def test_torchrun_two_ranks_equal_one_process(tmp_path, tiny_cfg, retriever):
 
     two_dir = two_root / tiny_cfg.run_name / "index"
     a = PassageIndex.load(tiny_cfg.run_dir / "index", passages_path, retriever=tiny_cfg.retriever)
-    b = PassageIndex.load(two_dir, two_root / tiny_cfg.run_name / "passages.jsonl", retriever=tiny_cfg.retriever)
+    b = PassageIndex.load(two_dir, two_passages, retriever=tiny_cfg.retriever)
     assert len(a) == len(b) == one["passages"]
     np.testing.assert_allclose(a.embeddings, b.embeddings, atol=1e-5)
     questions = ["What is anarchism?", "Who was Albert Einstein?", "What are black holes?"]

@@ -12,10 +12,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import FIXTURES, run_cli
-from cozyrag_lib import qa
-from cozyrag_lib.factoids import QTYPES
+from cozyrag_lib import qa, qa_formats
 from cozyrag_lib.config import load_config
+from cozyrag_lib.corpus import embedded_corpus
 from cozyrag_lib.errors import CozyError
+from cozyrag_lib.factoids import QTYPES
+from cozyrag_lib.paths import RunPaths
 
 QA_FIXTURES = FIXTURES / "qa"
 
@@ -31,14 +33,14 @@ def cfg_for(tmp_path: Path, sources: list[str], **kw):
 
 
 def read_splits(run_dir: Path) -> dict[str, list[dict]]:
-    return {s: qa.read_qa(run_dir / "qa" / f"{s}.jsonl") for s in qa.SPLITS}
+    return {s: qa.read_qa(RunPaths(run_dir).qa_split(s)) for s in qa.SPLITS}
 
 
 # ----------------------------------------------------------------------------------------------------------
 # real data
 
 def test_squad_real_file(squad_file, tmp_path):
-    items, stats = qa.load_qa_file(squad_file)
+    items, stats = qa_formats.load_qa_file(squad_file)
     raw = json.loads(squad_file.read_text())
     assert stats["format"] == "squad" and len(items) == stats["items"] == 8595 and stats["skipped"] == 0
     assert len({a["title"] for a in raw["data"]}) == 39
@@ -62,7 +64,7 @@ def test_squad_real_file(squad_file, tmp_path):
 
 
 def test_nq_real_file_splits_by_question(nq_file, tmp_path):
-    items, stats = qa.load_qa_file(nq_file)
+    items, stats = qa_formats.load_qa_file(nq_file)
     assert stats["format"] == "jsonl" and len(items) == 100 and stats["skipped"] == 0
     assert items[2]["answers"] == ["Salzburg, Austria", "Austria"]
     assert all("title" not in i and i["id"].startswith(nq_file.name + "-") for i in items)
@@ -79,7 +81,7 @@ def test_nq_real_file_splits_by_question(nq_file, tmp_path):
 
 def test_qabot_fixture():
     path = QA_FIXTURES / "qabot.txt"
-    items, stats = qa.load_qa_file(path)
+    items, stats = qa_formats.load_qa_file(path)
     assert stats["format"] == "qabot"
     assert [(i["question"], i["answers"]) for i in items] == [
         ("What is the capital of France?", ["Paris"]),
@@ -93,7 +95,7 @@ def test_qabot_fixture():
 
 def test_tsv_fixture():
     path = QA_FIXTURES / "qa.tsv"
-    items, stats = qa.load_qa_file(path)
+    items, stats = qa_formats.load_qa_file(path)
     assert stats["format"] == "tsv"  # the header line is not a question
     assert [(i["question"], i["answers"]) for i in items] == [
         ("What is the capital of Italy?", ["Rome"]),
@@ -107,7 +109,7 @@ def test_tsv_fixture():
 
 def test_jsonl_fixture():
     path = QA_FIXTURES / "qa.jsonl"
-    items, stats = qa.load_qa_file(path)
+    items, stats = qa_formats.load_qa_file(path)
     assert [i["answers"] for i in items] == [["Pacific Ocean"], ["Alexander Fleming", "Fleming"], ["water"], ["Paris"]]
     assert items[3] == {"id": "custom-1", "question": "Where is the Eiffel Tower?", "answers": ["Paris"],
                         "title": "Eiffel Tower", "context": "The Eiffel Tower is in Paris.", "source": "qa.jsonl"}
@@ -118,7 +120,7 @@ def test_jsonl_fixture():
 
 def test_squad_v2_fixture_skips_unanswerable():
     path = QA_FIXTURES / "squad_v2.json"
-    items, stats = qa.load_qa_file(path)
+    items, stats = qa_formats.load_qa_file(path)
     assert [(i["id"], i["answers"], i["title"]) for i in items] == [
         ("a1", ["the sun"], "Alpha_Article"),  # repeated answer kept once
         ("b1", ["100 degrees Celsius", "100 degrees"], "Beta_Article")]
@@ -128,8 +130,8 @@ def test_squad_v2_fixture_skips_unanswerable():
 
 
 def test_ids_are_stable_and_content_based():
-    a, _ = qa.load_qa_file(QA_FIXTURES / "qa.tsv")
-    b, _ = qa.load_qa_file(QA_FIXTURES / "qa.tsv", fmt="tsv")
+    a, _ = qa_formats.load_qa_file(QA_FIXTURES / "qa.tsv")
+    b, _ = qa_formats.load_qa_file(QA_FIXTURES / "qa.tsv", fmt="tsv")
     assert [i["id"] for i in a] == [i["id"] for i in b]
     digest = hashlib.sha1("What is the capital of Italy?\nRome".encode()).hexdigest()[:12]
     assert a[0]["id"] == f"qa.tsv-{digest}"
@@ -159,14 +161,14 @@ def test_split_of_known_values():
 def test_detect_format(tmp_path, name, text, fmt):
     path = tmp_path / name
     path.write_text(text)
-    assert qa.detect_format(path) == fmt
+    assert qa_formats.detect_format(path) == fmt
 
 
 def test_explicit_format_overrides_detection(tmp_path):
     path = tmp_path / "pairs.txt"
     path.write_text("Q: looks like qabot\tbut is tsv\n")
-    assert qa.detect_format(path) == "qabot"
-    items, stats = qa.load_qa_file(path, fmt="tsv")
+    assert qa_formats.detect_format(path) == "qabot"
+    items, stats = qa_formats.load_qa_file(path, fmt="tsv")
     assert items[0]["question"] == "Q: looks like qabot" and stats["format"] == "tsv"
 
 
@@ -220,21 +222,21 @@ def test_malformed_file_is_one_line_error_naming_it(tmp_path, name, content, fmt
     path = tmp_path / name
     path.write_bytes(content)
     with pytest.raises(CozyError) as e:
-        qa.load_qa_file(path, fmt)
+        qa_formats.load_qa_file(path, fmt)
     msg = str(e.value)
     assert msg.startswith(f"{path}:") and expected in msg and "\n" not in msg, msg
 
 
 def test_missing_file_and_folder(tmp_path):
     with pytest.raises(CozyError, match=rf"^{tmp_path}/nope.json: QA file not found$"):
-        qa.load_qa_file(tmp_path / "nope.json")
+        qa_formats.load_qa_file(tmp_path / "nope.json")
     with pytest.raises(CozyError, match=rf"^{tmp_path}: is a folder"):
-        qa.load_qa_file(tmp_path)
+        qa_formats.load_qa_file(tmp_path)
 
 
 def test_line_level_problems_are_counted_skips(tmp_path):
     path = tmp_path / "mixed.tsv"
-    huge = "x" * (qa.MAX_CHARS + 1)
+    huge = "x" * (qa_formats.MAX_CHARS + 1)
     path.write_text("\n".join([
         "question\tanswer",           # 1 header
         "good one?\tyes",             # 2
@@ -245,7 +247,7 @@ def test_line_level_problems_are_counted_skips(tmp_path):
         "",                           # 7 blank lines are not records
         "good two?\tno",              # 8
     ]) + "\n")
-    items, stats = qa.load_qa_file(path)
+    items, stats = qa_formats.load_qa_file(path)
     assert [i["question"] for i in items] == ["good one?", "good two?"]
     assert stats["skip_reasons"] == {"no tab between question and answer": 1, "empty question": 1,
                                      "empty answer": 1, "line too long": 1}
@@ -254,7 +256,7 @@ def test_line_level_problems_are_counted_skips(tmp_path):
     path = tmp_path / "huge.jsonl"
     path.write_text(json.dumps({"question": huge, "answer": "a"}) + "\n"
                     + json.dumps({"question": "q?", "answer": "a", "context": huge}) + "\n")
-    items, stats = qa.load_qa_file(path)
+    items, stats = qa_formats.load_qa_file(path)
     assert len(items) == 1 and len(items[0]["context"]) == len(huge)  # long contexts are fine
     assert stats["skip_reasons"] == {"question too long": 1}
 
@@ -262,9 +264,9 @@ def test_line_level_problems_are_counted_skips(tmp_path):
 def test_skip_examples_are_capped_but_all_counted(tmp_path):
     path = tmp_path / "many.tsv"
     path.write_text("ok?\tyes\n" + "no tab\n" * 100)
-    items, stats = qa.load_qa_file(path)
-    assert len(items) == 1 and stats["skipped"] == 100 and len(stats["skip_examples"]) == qa.MAX_EXAMPLES
-    assert stats["skip_examples"][-1] == f"{path}:{qa.MAX_EXAMPLES + 1}: no tab between question and answer"
+    items, stats = qa_formats.load_qa_file(path)
+    assert len(items) == 1 and stats["skipped"] == 100 and len(stats["skip_examples"]) == qa_formats.MAX_EXAMPLES
+    assert stats["skip_examples"][-1] == f"{path}:{qa_formats.MAX_EXAMPLES + 1}: no tab between question and answer"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -276,11 +278,9 @@ def builtin_full():
 
 
 def test_builtin_set_size_and_forms(builtin_full):
-    from cozyrag_lib.models import package_file
-
     every, stats = builtin_full
     items = [i for i in every if i["qtype"] == "description"]  # the factoids have tests of their own
-    corpus = json.loads(package_file("embedded:wiki-summaries-en").read_text())
+    corpus = embedded_corpus()
     empty = sum(1 for a in corpus.values() if not a["description"].strip())
     assert len(items) == len(corpus) - empty and stats["skipped"] == empty
     assert stats["items"] == len(every) and all(i["qtype"] in QTYPES for i in every)
@@ -302,11 +302,9 @@ def test_builtin_set_size_and_forms(builtin_full):
 
 
 def test_builtin_set_is_deterministic_and_honours_max_articles(builtin_full):
-    from cozyrag_lib.models import package_file
-
     items, _ = builtin_full
     first = qa.builtin_qa(max_articles=200)[0]
-    titles = sorted(json.loads(package_file("embedded:wiki-summaries-en").read_text()))[:200]
+    titles = sorted(embedded_corpus())[:200]
     assert {i["title"] for i in first} <= set(titles) and sum(i["qtype"] == "description" for i in first) >= 190
     assert first == [i for i in items if i["title"] in set(titles)]  # same items, same order
 
@@ -319,7 +317,7 @@ def test_prepare_qa_writes_artefacts(tiny_cfg):
     cfg.qa_sources = ["builtin", str(QA_FIXTURES / "qa.tsv"), str(QA_FIXTURES / "qa.jsonl")]
     summary = qa.prepare_qa(cfg)
     n_builtin = len(qa.builtin_qa(200)[0])  # 198 descriptions (2 articles have none) and their factoids
-    out = cfg.run_dir / "qa"
+    out = cfg.paths.qa
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "summary.json", "test.jsonl", "train.jsonl",
                                                      "validation.jsonl"]
     assert json.loads((out / "summary.json").read_text()) == summary
@@ -358,7 +356,7 @@ def test_a_prepared_split_read_back_as_jsonl_keeps_source_and_type(tmp_path):
     path.write_text(json.dumps({"id": "builtin-1", "question": "What is the capital of France?", "answers": ["Paris"],
                                 "title": "Paris", "source": "builtin", "qtype": "place", "rule": "capital"}) + "\n"
                     + json.dumps({"question": "Who?", "answer": "Ann"}) + "\n")
-    items, _ = qa.load_qa_file(path)
+    items, _ = qa_formats.load_qa_file(path)
     assert (items[0]["source"], items[0]["qtype"], items[0]["rule"]) == ("builtin", "place", "capital")
     assert items[1]["source"] == "test.jsonl" and "qtype" not in items[1]  # a plain file: named after itself
 
@@ -368,11 +366,21 @@ def test_read_qa_errors(tmp_path):
         qa.read_qa(tmp_path / "train.jsonl")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"id": "1", "question": "q", "answers": ["a"]}\n{"id": "2", "question": "q"\n')
-    with pytest.raises(CozyError, match=rf"^{bad}:2: damaged line"):
+    with pytest.raises(CozyError, match=rf"^{bad}:2: not valid JSON; rerun prepare-qa$"):
         qa.read_qa(bad)
     bad.write_text('{"id": "1", "question": "q", "answers": "a"}\n')
     with pytest.raises(CozyError, match=rf"^{bad}:1: not a QA record"):
         qa.read_qa(bad)
+
+
+def test_prepare_qa_moves_a_run_of_the_flat_layout(tmp_path):
+    cfg = cfg_for(tmp_path, [str(QA_FIXTURES / "qa.tsv")])
+    flat = cfg.run_dir / "passages.jsonl"  # where the chunk stage wrote its passages before passages/
+    flat.parent.mkdir(parents=True)
+    flat.write_text('{"id": "old-0", "title": "Old", "text": "an earlier run"}\n', encoding="utf-8")
+    qa.prepare_qa(cfg)
+    assert not flat.exists() and "an earlier run" in cfg.paths.passages.read_text(encoding="utf-8")
+    assert sorted(p.name for p in cfg.run_dir.iterdir()) == ["passages", "qa"]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -381,7 +389,7 @@ def test_read_qa_errors(tmp_path):
 def test_cli_prepare_qa_ok(tmp_path):
     r = run_cli("prepare-qa", "--preset=tiny", f"--out_root={tmp_path}", f"--qa_sources={QA_FIXTURES / 'qa.tsv'}")
     assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout)["total"] == 4 and (tmp_path / "tiny" / "qa" / "train.jsonl").is_file()
+    assert json.loads(r.stdout)["total"] == 4 and RunPaths(tmp_path / "tiny").qa_split("train").is_file()
 
 
 CLI_BAD = [
@@ -397,7 +405,7 @@ CLI_BAD = [
 def test_cli_bad_source_exits_2_and_leaves_output(tmp_path, name, content, expected):
     cfg = load_config("tiny", out_root=str(tmp_path), qa_sources=[str(QA_FIXTURES / "qa.jsonl")])
     qa.prepare_qa(cfg)
-    before = {p.name: p.read_bytes() for p in (cfg.run_dir / "qa").iterdir()}
+    before = {p.name: p.read_bytes() for p in cfg.paths.qa.iterdir()}
     bad = tmp_path / name
     if content is not None:
         bad.write_bytes(content)
@@ -406,7 +414,7 @@ def test_cli_bad_source_exits_2_and_leaves_output(tmp_path, name, content, expec
     assert r.returncode == 2
     assert r.stderr.startswith(f"error: {bad}") and r.stderr.count("\n") == 1 and expected in r.stderr
     assert "Traceback" not in r.stderr + r.stdout
-    assert {p.name: p.read_bytes() for p in (cfg.run_dir / "qa").iterdir()} == before
+    assert {p.name: p.read_bytes() for p in cfg.paths.qa.iterdir()} == before
 
 
 def test_cli_unknown_format_is_config_error(tmp_path):
@@ -422,7 +430,7 @@ def _load_any(data: bytes, name: str, fmt: str) -> None:
         path = Path(d) / name
         path.write_bytes(data)
         try:
-            items, stats = qa.load_qa_file(path, fmt)
+            items, stats = qa_formats.load_qa_file(path, fmt)
         except CozyError as e:
             assert "\n" not in str(e) and str(path) in str(e)
             return
@@ -434,7 +442,7 @@ def _load_any(data: bytes, name: str, fmt: str) -> None:
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 NAMES = st.sampled_from(["x.json", "x.jsonl", "x.tsv", "x.txt", "x"])
-FMTS = st.sampled_from(["auto", *qa.FORMATS])
+FMTS = st.sampled_from(["auto", *qa_formats.FORMATS])
 
 
 @FUZZ

@@ -206,7 +206,7 @@ CASES = [
          ["no-retriever", "retriever folder not found"]),
     # --- index ------------------------------------------------------------------------------------------------
     Case("index-passages-truncated", ["index", *T], lambda r, t, c: truncate(r / "passages.jsonl"),
-         ["passages.jsonl:", "not valid JSON (corrupt passages file? re-run chunking)"], subprocess=True),
+         ["passages.jsonl:", "not valid JSON; corrupt passages file? re-run chunking"], subprocess=True),
     Case("index-passages-binary", ["index", *T], lambda r, t, c: write(r / "passages.jsonl", b"\x00\xff" * 64),
          ["passages.jsonl:1", "not UTF-8"]),
     Case("index-passages-wrong-shape", ["index", *T],
@@ -221,7 +221,7 @@ CASES = [
          ["48 training QA pairs", "fewer than one global batch (1000 x 1 processes)"]),
     Case("train-negative-lr", ["train", *T, "--lr_retriever=-0.1"], nothing, ["lr_retriever", "must not be negative"]),
     Case("train-qa-damaged", ["train", *T], lambda r, t, c: truncate(r / "qa" / "train.jsonl", 0.37),
-         ["train.jsonl:", "damaged line (not JSON); rerun prepare-qa"]),
+         ["train.jsonl:", "not valid JSON; rerun prepare-qa"]),
     Case("train-qa-extra-malformed", ["train", *T, "--qa_extra={tmp}/extra.json"],
          lambda r, t, c: write(t / "extra.json", '{"version": "1.1"}'), ["extra.json", "'data' missing"]),
     Case("train-index-other-retriever", ["train", *T],
