@@ -37,7 +37,7 @@ class Config:
     out_root: str = "outputs/runs"  # parent folder of every run
     seed: int = 1337  # seeds model init, data order and sampling (splits use a fixed hash rule, no seed)
     device: str = "auto"  # "auto" (cuda if available, else cpu), "cpu", "cuda"
-    debug: bool = False  # show full tracebacks instead of one-line errors
+    debug: bool = False  # full tracebacks instead of one-line errors: `--debug` (=true, =1) on any command
 
     # --- models ----------------------------------------------------------------------------
     generator: str = "embedded:smollm2-135m-instruct"  # embedded:..., tiny:gpt2, a folder, a .gguf, or a hub name
@@ -265,19 +265,13 @@ def load_config(preset: str | None = "demo", overrides: dict[str, Any] | None = 
 
 
 def parse_cli_overrides(args: list[str]) -> tuple[str | None, dict[str, str]]:
-    """Split `--preset=tiny --top_k=8` into ("tiny", {"top_k": "8"}); other shapes are errors."""
-    preset, overrides = None, {}
-    for a in args:
-        if not a.startswith("--") or "=" not in a:
-            raise CozyError(f"argument {a!r}: expected --key=value")
-        k, v = a[2:].split("=", 1)
-        k = k.replace("-", "_")
-        if k in ("preset", "config"):
-            preset = v
-        else:
-            coerce(k, v, "command line")
-            overrides[k] = v
-    return preset, overrides
+    """Split `--preset=tiny --top_k=8` (or `--top_k 8`) into ("tiny", {"top_k": "8"}); other shapes are errors.
+
+    The command-line grammar of `cozyrag_lib.cli` for a command line without command options.
+    """
+    from .cli import parse_overrides
+
+    return parse_overrides("command line", args)
 
 
 _NOTEBOOK_NAMES = {"In", "Out", "exit", "quit", "get_ipython", "preset"}

@@ -20,7 +20,9 @@ class CozyError(Exception):
 
 
 def run_guarded(fn: Callable[[], object], debug: bool = False) -> int:
-    """Run `fn`; turn CozyError into one line on stderr and exit status 2 (traceback only with debug)."""
+    """Run `fn`; its exit status. A CozyError is one line on stderr and status 2 (after its traceback with
+    `debug`, the config key `debug` that `--debug` sets: see `cli.debug_requested`); SystemExit (`--help`)
+    gives its status, so in-process callers get a number too."""
     try:
         fn()
         return 0
@@ -29,6 +31,11 @@ def run_guarded(fn: Callable[[], object], debug: bool = False) -> int:
             traceback.print_exc()
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except SystemExit as e:
+        if e.code is None or isinstance(e.code, int):
+            return e.code or 0
+        print(e.code, file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

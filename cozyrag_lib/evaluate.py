@@ -17,7 +17,6 @@ Metrics (means over the evaluated questions):
 """
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 from typing import Sequence
@@ -158,34 +157,22 @@ def write_results(summary: dict, preds: list[dict], out: str | Path) -> Path:
 
 
 def cli(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m cozyrag_lib evaluate", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", required=True, help="run folder or name; base:RUN for the untrained base models")
-    p.add_argument("--qa", required=True, help="QA file in any format prepare-qa reads (e.g. RUN/qa/test.jsonl)")
-    p.add_argument("--format", default="auto", help="QA file format (auto, squad, qabot, tsv, jsonl)")
-    p.add_argument("--corpus", default=None, help="passages JSONL to search instead of the run's index")
-    p.add_argument("--mode", choices=["rag", "closed", "oracle"], default="rag")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--limit", type=int, default=0, help="evaluate only the first N questions (0 = all)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--device", choices=["cpu", "cuda"], default=None)
-    p.add_argument("--out", default=None, help="summary JSON path (default RUN/eval/<mode>-<qa name>.json)")
-    args = p.parse_args(argv)
-    if args.top_k is not None and args.top_k <= 0:
-        raise CozyError(f"evaluate: --top-k must be positive, got {args.top_k}")
-    if args.limit < 0:
-        raise CozyError(f"evaluate: --limit must not be negative, got {args.limit}")
-    if args.batch_size <= 0:
-        raise CozyError(f"evaluate: --batch-size must be positive, got {args.batch_size}")
+    """`python -m cozyrag_lib evaluate [--run=RUN] --qa=FILE [options] [--key=value ...]`; the options are in
+    `cozyrag_lib/cli.py`, `--help` lists them."""
+    from .cli import locate_run, parse_command, run_spec
     from .qa_formats import load_qa_file
-    from .rag import RAG, resolve_run
+    from .rag import RAG
 
-    items, _ = load_qa_file(args.qa, args.format)
-    items = items[:args.limit] if args.limit else items
-    rag = RAG.load(args.run, corpus=args.corpus, device=args.device)
-    summary, preds = evaluate(rag, items, args.mode, args.top_k, args.batch_size)
-    run_dir, base = resolve_run(args.run)
-    out = Path(args.out) if args.out else run_dir / "eval" / f"{'base-' if base else ''}{args.mode}-{Path(args.qa).stem}.json"
+    parsed = parse_command("evaluate", argv)
+    opts = parsed.options
+    if opts["limit"] < 0:
+        raise CozyError(f"evaluate: --limit must not be negative, got {opts['limit']}")
+    run_dir, base, load_kw = locate_run(parsed)  # every value checked before the models load
+    items, _ = load_qa_file(opts["qa"], opts["format"])
+    items = items[:opts["limit"]] if opts["limit"] else items
+    rag = RAG.load(run_spec(run_dir, base), corpus=opts["corpus"], **load_kw)
+    summary, preds = evaluate(rag, items, opts["mode"], batch_size=rag.cfg.batch_size)
+    out = Path(opts["out"]) if opts["out"] else run_dir / "eval" / f"{'base-' if base else ''}{opts['mode']}-{Path(opts['qa']).stem}.json"
     write_results(summary, preds, out)
     print(json.dumps(summary))
     return 0

@@ -13,7 +13,6 @@ RUN names a run folder (`outputs/runs/demo`) or a run name (`demo`, looked up un
 """
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from dataclasses import dataclass, field
@@ -225,21 +224,15 @@ def format_answer(out: dict, width: int = 100) -> str:
 
 
 def cli(argv: list[str]) -> int:
-    """`python -m cozyrag_lib ask --run RUN [--top-k K] [--mode rag|closed] [--json] QUESTION...`"""
-    p = argparse.ArgumentParser(prog="python -m cozyrag_lib ask", description="Answer questions with a run.")
-    p.add_argument("question", nargs="+", help="one or more questions (quote each)")
-    p.add_argument("--run", default="demo", help="run folder or name; base:RUN for the untrained models")
-    p.add_argument("--top-k", type=int, default=None, help="passages to retrieve (default: the run's top_k)")
-    p.add_argument("--mode", choices=["rag", "closed"], default="rag")
-    p.add_argument("--device", choices=["cpu", "cuda"], default=None)
-    p.add_argument("--json", action="store_true", help="print JSON instead of text")
-    args = p.parse_args(argv)
-    if args.top_k is not None and args.top_k <= 0:  # checked before the models load (seconds)
-        raise CozyError(f"ask: --top-k must be positive, got {args.top_k}")
-    for i, q in enumerate(args.question, 1):
+    """`python -m cozyrag_lib ask [--run=RUN] [--mode=rag|closed] [--json] [--key=value ...] QUESTION...`"""
+    from .cli import locate_run, parse_command, run_spec
+
+    parsed = parse_command("ask", argv)
+    for i, q in enumerate(parsed.options["question"], 1):
         if not q.strip():
             raise CozyError(f"ask: question {i} is empty")
-    rag = RAG.load(args.run, device=args.device)
-    for out in rag.answer_batch(args.question, args.top_k, args.mode):
-        print(json.dumps(out, default=float) if args.json else format_answer(out) + "\n")
+    run_dir, base, load_kw = locate_run(parsed)  # every value checked before the models load (seconds)
+    rag = RAG.load(run_spec(run_dir, base), **load_kw)
+    for out in rag.answer_batch(parsed.options["question"], mode=parsed.options["mode"]):
+        print(json.dumps(out, default=float) if parsed.options["json"] else format_answer(out) + "\n")
     return 0

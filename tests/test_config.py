@@ -68,12 +68,12 @@ def test_preset_file_with_unknown_key_or_bad_toml_names_the_file(tmp_path):
 
 
 def test_cli_strings_are_parsed_to_field_types():
-    preset, overrides = parse_cli_overrides(["--preset=tiny", "--top_k=8", "--lr-generator=1e-4", "--do_sample=yes",
+    preset, overrides = parse_cli_overrides(["--preset", "tiny", "--top_k=8", "--lr_generator", "1e-4", "--do_sample",
                                              "--phases=generator,retriever", "--qa_sources=builtin, a.json",
                                              "--run_name=x=1"])
     assert preset == "tiny"
     cfg = load_config(preset, overrides)
-    assert cfg.top_k == 8 and cfg.lr_generator == 1e-4 and cfg.do_sample is True
+    assert cfg.top_k == 8 and cfg.lr_generator == 1e-4 and cfg.do_sample is True  # `--KEY VALUE`; a bool alone
     assert cfg.phases == ["generator", "retriever"]
     assert cfg.qa_sources == ["builtin", "a.json"]  # spaces after commas dropped
     assert cfg.run_name == "x=1"  # only the first '=' splits
@@ -90,15 +90,18 @@ def test_papermill_typed_values_are_accepted():
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--tpo_k=3"], r"command line: unknown config key 'tpo_k' \(did you mean top_k"),
-    (["--chunk_max_token=9"], r"did you mean chunk_max_tokens"),
-    (["--zzzz=1"], r"unknown config key 'zzzz'$"),
+    (["--tpo_k=3"], r"command line: unknown option --tpo_k \(did you mean --top_k\?\)$"),
+    (["--chunk_max_token=9"], r"did you mean --chunk_max_tokens\?"),
+    (["--zzzz=1"], r"unknown option --zzzz$"),
+    (["--lr-generator=1e-4"], r"unknown option --lr-generator \(did you mean --lr_generator\?\)$"),  # no hyphens
     (["--top_k=eight"], r"top_k='eight' is not a valid int"),
     (["--top_k=2.5"], r"top_k='2.5' is not a valid int"),
     (["--lr_generator=fast"], r"lr_generator='fast' is not a valid float"),
     (["--do_sample=maybe"], r"do_sample='maybe' is not a valid bool"),
     (["top_k=3"], r"argument 'top_k=3': expected --key=value"),
-    (["--top_k"], r"argument '--top_k': expected --key=value"),
+    (["--top_k"], r"--top_k needs a value \(--top_k=VALUE\)"),
+    (["--top_k", "--seed=1"], r"--top_k needs a value"),
+    (["--debug=maybe"], r"debug='maybe' is not a valid bool"),
 ])
 def test_bad_cli_overrides_are_errors(args, message):
     with pytest.raises(CozyError, match=message):

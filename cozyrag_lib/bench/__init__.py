@@ -11,8 +11,11 @@
 
 Every benchmark takes `--threads=N` (torch and FAISS threads; 0 = their default) and reports the
 1-minute load average: on a machine other jobs share, waiting threads slow every parallel operation.
-Each lives in its own module (`index.py`, `train.py`, `ask.py`, `scale.py`, whose docstrings list its
-options), what they share in `common.py`. A new benchmark is a function `(args) -> dict` added to `BENCHMARKS`.
+Each lives in its own module (`index.py`, `train.py`, `ask.py`, `scale.py`, whose docstrings say what it
+measures), what they share in `common.py`. Their options are declared as `bench NAME` in the command
+table of `cozyrag_lib/cli.py` (`bench NAME --help` lists them), which checks the command line before a
+benchmark gets it in the canonical `--key=value` form. A new benchmark is a function `(args) -> dict`
+added to `BENCHMARKS` and its entry in that table.
 """
 from __future__ import annotations
 
@@ -23,8 +26,8 @@ from typing import Any, Callable
 
 import torch
 
+from ..cli import COMMANDS, help_text, parse_command
 from ..errors import CozyError
-from .common import pop_options
 from .ask import bench_ask
 from .index import bench_index
 from .scale import bench_scale
@@ -40,8 +43,9 @@ BENCHMARKS: dict[str, Callable[[list[str]], dict[str, Any]]] = {
 
 
 def usage() -> str:
-    """This docstring, then each benchmark module's (what it measures, its options)."""
-    return "\n".join([__doc__ or "", *(sys.modules[f.__module__].__doc__ or "" for f in BENCHMARKS.values())])
+    """This docstring, then each benchmark's module docstring and options."""
+    return "\n".join([__doc__ or "", *(f"{sys.modules[f.__module__].__doc__ or ''}\n{help_text(f'bench {name}')}"
+                                      for name, f in BENCHMARKS.items())])
 
 
 def cli(argv: list[str]) -> int:
@@ -49,17 +53,20 @@ def cli(argv: list[str]) -> int:
         print(usage())
         return 0 if argv else 2
     name, rest = argv[0], argv[1:]
-    if name not in BENCHMARKS:
+    if name not in BENCHMARKS or f"bench {name}" not in COMMANDS:
         raise CozyError(f"bench: unknown benchmark '{name}' (known: {', '.join(BENCHMARKS)})")
-    opts, rest = pop_options(rest, {"threads": 0})
+    parsed = parse_command(f"bench {name}", rest)
+    threads = parsed.options["threads"]
+    if threads < 0:
+        raise CozyError(f"bench: --threads must not be negative, got {threads}")
     import faiss
 
     before = torch.get_num_threads(), faiss.omp_get_max_threads()
-    if opts["threads"]:  # e.g. 1 on a machine other jobs share: idle-waiting threads stall every parallel op
-        torch.set_num_threads(opts["threads"])
-        faiss.omp_set_num_threads(opts["threads"])
+    if threads:  # e.g. 1 on a machine other jobs share: idle-waiting threads stall every parallel op
+        torch.set_num_threads(threads)
+        faiss.omp_set_num_threads(threads)
     try:
-        result = BENCHMARKS[name](rest)
+        result = BENCHMARKS[name](parsed.as_argv(skip=["threads"]))
         result.update(threads=torch.get_num_threads(), load_avg_1m=round(os.getloadavg()[0], 2))  # what else ran
     finally:  # in-process callers (tests, notebooks) keep their own settings
         torch.set_num_threads(before[0])
