@@ -219,14 +219,8 @@ def chunk_corpus(cfg) -> dict:
     sources = [resolve_source(spec) for spec in cfg.corpus_sources]  # bad paths fail before any work
     if not sources:
         raise CozyError("config: corpus_sources is empty")
-    own_group = dist.launched_by_torchrun() and not dist.is_distributed()
-    if own_group:
-        dist.setup("cpu")  # gloo: chunking needs only object collectives and a barrier
-    try:
+    with dist.process_group("cpu"):  # gloo: chunking needs only object collectives and a barrier
         return _chunk_corpus(cfg, sources)
-    finally:
-        if own_group:
-            dist.cleanup()
 
 
 def _chunk_corpus(cfg, sources: list[Source]) -> dict:

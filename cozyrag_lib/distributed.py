@@ -5,6 +5,7 @@ Launch under `torchrun` and these see the group; run `python -m ...` and `get_ra
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 
@@ -75,6 +76,18 @@ def _restart_store(timeout: datetime.timedelta):
 def cleanup() -> None:
     if is_distributed():
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def process_group(device: str = "auto"):
+    """`setup` for the block, yielding the device; the group is destroyed afterwards only if this block joined it
+    (a stage called from inside training, or from a test that set up the group, leaves it as it was)."""
+    owns = launched_by_torchrun() and not is_distributed()
+    try:
+        yield setup(device)
+    finally:
+        if owns:
+            cleanup()
 
 
 def barrier() -> None:

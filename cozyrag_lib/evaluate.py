@@ -23,10 +23,15 @@ from typing import Sequence
 
 from tqdm import tqdm  # text bars: they also stream through papermill, where widget bars stay invisible
 
-from .atomic import atomic_open, atomic_write_text
+from .cli import locate_run, parse_command, run_spec
 from .errors import CozyError
-from .metrics import (answer_in_text, answer_recall_at_k, evidence_recall_at_k, exact_match, f1_score, normalize_answer, percentile,
-                      title_recall_at_k)
+from .jsonio import write_json, write_jsonl
+from .metrics import (answer_in_text, answer_recall_at_k, evidence_recall_at_k, exact_match, f1_score, normalize_answer,
+                      percentile, title_recall_at_k)
+from .models import autocast
+from .qa_formats import load_qa_file
+from .rag import RAG
+from .retrieval import retrieve
 
 
 def _title(t: str) -> str:
@@ -122,9 +127,6 @@ def answer_sentence(answer: str, sentences: Sequence[str]) -> str | None:
 def recall_at_ks(rag, items: Sequence[dict], ks: Sequence[int], batch_size: int = 64) -> dict[str, list[float]]:
     """Evidence and answer recall@k (and title recall@k for items with titles) for every k in `ks`, from one
     search. Evidence recall is training's val_recall (`metrics.evidence_recall_at_k`)."""
-    from .models import autocast
-    from .retrieval import retrieve
-
     kmax = max(ks)
     with autocast(rag.cfg.precision, rag.device):  # queries embedded as answering and training embed them
         _, _, ids = retrieve(rag.retriever, rag.pindex, [it["question"] for it in items], kmax, batch_size)
@@ -149,20 +151,14 @@ def write_results(summary: dict, preds: list[dict], out: str | Path) -> Path:
     """Write the summary JSON and its predictions JSONL beside it (atomically); returns the predictions path."""
     out = Path(out)
     pred_path = out.with_name(out.stem + ".predictions.jsonl")
-    with atomic_open(pred_path) as f:
-        for p in preds:
-            f.write(json.dumps(p, ensure_ascii=False) + "\n")
-    atomic_write_text(out, json.dumps(summary, indent=2) + "\n")
+    write_jsonl(pred_path, preds)
+    write_json(out, summary)
     return pred_path
 
 
 def cli(argv: list[str]) -> int:
     """`python -m cozyrag_lib evaluate [--run=RUN] --qa=FILE [options] [--key=value ...]`; the options are in
     `cozyrag_lib/cli.py`, `--help` lists them."""
-    from .cli import locate_run, parse_command, run_spec
-    from .qa_formats import load_qa_file
-    from .rag import RAG
-
     parsed = parse_command("evaluate", argv)
     opts = parsed.options
     if opts["limit"] < 0:

@@ -1,8 +1,8 @@
-"""Notebook 05's helpers: the question box, comparison tables and plots saved as PNG under the run.
+"""Notebook 05's interactive side: the question box, and `compare` (every pipeline x mode on the same items).
 
     >>> box = question_box(rag, "Who was Albert Einstein?")   # prints a plain answer, then shows the widget
     >>> rows = compare({"trained": rag, "base": base}, items, modes=("closed", "rag", "oracle"))
-    >>> display(Markdown(summary_table(rows)))
+    >>> display(Markdown(report.summary_table([s for s, _ in rows])))
 """
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import html
 from pathlib import Path
 from typing import Sequence
 
-from .atomic import atomic_path
-from .evaluate import evaluate
+from .evaluate import evaluate, recall_at_ks, write_results
+from .jsonio import write_json
 from .rag import format_answer
 from .text import split_sentences
 
@@ -61,12 +61,16 @@ def question_box(rag, default_question: str = "Who was Albert Einstein?", top_k:
 
 
 # ----------------------------------------------------------------------------------------------
-# tables
+# comparisons
 
 
 def compare(rags: dict, items: Sequence[dict], modes: Sequence[str] = ("closed", "rag", "oracle"),
-            batch_size: int = 8) -> list[tuple[dict, list[dict]]]:
-    """Evaluate every (pipeline, mode) pair on the same items; [(summary, predictions), ...]."""
+            batch_size: int = 8, out_dir: str | Path | None = None, split: str = "test") -> list[tuple[dict, list[dict]]]:
+    """Evaluate every (pipeline, mode) pair on the same items; [(summary, predictions), ...].
+
+    out_dir: each pair's summary and predictions are also written there, as `{label}-{mode}-{split}.json`
+    and `.predictions.jsonl` (`evaluate.write_results`).
+    """
     rows = []
     for label, rag in rags.items():
         for mode in modes:
@@ -74,163 +78,15 @@ def compare(rags: dict, items: Sequence[dict], modes: Sequence[str] = ("closed",
                 continue
             summary, preds = evaluate(rag, items, mode, batch_size=batch_size)
             rows.append(({**summary, "model": label}, preds))
+            if out_dir is not None:
+                write_results(rows[-1][0], preds, Path(out_dir) / f"{label}-{mode}-{split}.json")
     return rows
 
 
-def summary_table(summaries: Sequence[dict], keys: Sequence[str] = ("model", "mode", "n", "em", "f1", "answer_recall@5",
-                                                                      "title_recall@5", "latency_p50_s")) -> str:
-    """A markdown table of evaluation summaries ('-' where a metric does not apply)."""
-    def cell(v) -> str:
-        return "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
-
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(cell(s.get(k)) for k in keys) + " |" for s in summaries]
-    return "\n".join(lines)
-
-
-def group_table(summaries: Sequence[dict], by: str = "by_source") -> str:
-    """A markdown table of each summary's per-group metrics, `by_source` or `by_type` (empty when there are none)."""
-    rows = [(s, g, m) for s in summaries for g, m in s.get(by, {}).items()]
-    if not rows:
-        return ""
-    head = "source" if by == "by_source" else "type"
-    lines = [f"| model | mode | {head} | n | em | f1 | answer_recall@5 |", "|---|---|---|---|---|---|---|"]
-    for s, g, m in rows:
-        ar = m.get("answer_recall@5")
-        lines.append(f"| {s.get('model', s.get('run'))} | {s['mode']} | {Path(g).name} | {m['n']} | {m['em']:.3f} | "
-                     f"{m['f1']:.3f} | {'-' if ar is None else f'{ar:.3f}'} |")
-    return "\n".join(lines)
-
-
-def source_table(summaries: Sequence[dict]) -> str:
-    """`group_table` by QA source."""
-    return group_table(summaries, "by_source")
-
-
-def type_table(summaries: Sequence[dict]) -> str:
-    """`group_table` by question type (description, person, place, date, number, thing)."""
-    return group_table(summaries, "by_type")
-
-
-def _cell(text) -> str:
-    """Text for one markdown table cell: '-' when empty, pipes escaped, one line."""
-    return "-" if text is None or text == "" else str(text).replace("|", "\\|").replace("\n", " ")
-
-
-def _round_robin(rows: Sequence[dict], n: int, seed: int) -> list[dict]:
-    """`n` rows drawn with a seed, one question type after another, so rare types show up too."""
-    import random
-
-    by_type: dict = {}
-    for r in rows:
-        by_type.setdefault(r.get("qtype") or "-", []).append(r)
-    rng, pools = random.Random(seed), [list(v) for v in by_type.values()]
-    for pool in pools:
-        rng.shuffle(pool)
-    picked = []
-    while len(picked) < n and any(pools):
-        for pool in pools:
-            if pool and len(picked) < n:
-                picked.append(pool.pop())
-    return picked
-
-
-def answers_table(predictions: Sequence[dict], n: int = 12, seed: int = 0) -> str:
-    """A markdown table of `n` predictions (a seeded draw, one per question type in turn): question, gold,
-    answer, and the context sentence the answer came from."""
-    lines = ["| type | question | gold | answer | EM | from the sentence |", "|---|---|---|---|---|---|"]
-    for p in _round_robin(predictions, n, seed):
-        lines.append(f"| {_cell(p.get('qtype'))} | {_cell(p['question'])} | {_cell(' / '.join(p['answers'][:2]))} | "
-                     f"{_cell(p['prediction'])} | {p['em']:.0f} | {_cell(p.get('answer_sentence'))} |")
-    return "\n".join(lines)
-
-
-def qa_table(items: Sequence[dict], n: int = 8, seed: int = 0) -> str:
-    """A markdown table of `n` QA items, a seeded draw taking each question type in turn."""
-    picked = _round_robin(items, n, seed)
-    lines = ["| type | question | answers | title | source |", "|---|---|---|---|---|"]
-    lines += [f"| {_cell(q.get('qtype'))} | {_cell(q['question'])} | {_cell(' / '.join(q['answers']))} | "
-              f"{_cell(q.get('title'))} | {_cell(q.get('source'))} |" for q in picked]
-    return "\n".join(lines)
-
-
-def qtype_split_table(summary: dict) -> str:
-    """A markdown table of questions per type and split, from a prepare-qa summary ("" without types)."""
-    rows = [(src, t, c) for src, st in summary["sources"].items() for t, c in st.get("qtype_splits", {}).items()]
-    if not rows:
-        return ""
-    splits = ("train", "validation", "test")
-    lines = ["| source | type | " + " | ".join(splits) + " |", "|---|---|" + "---|" * len(splits)]
-    lines += [f"| {src} | {t} | " + " | ".join(str(c[s]) for s in splits) + " |" for src, t, c in rows]
-    return "\n".join(lines)
-
-
-def recall_table(curves: dict[str, dict]) -> str:
-    """A markdown table of `recall_at_ks` curves: one row per (retriever, kind), one column per k."""
-    ks = next(iter(curves.values()))["k"]
-    lines = ["| retriever | recall | " + " | ".join(f"@{k}" for k in ks) + " |", "|---|---|" + "---|" * len(ks)]
-    for name, c in curves.items():
-        for kind in ("evidence_recall", "answer_recall", "title_recall"):
-            if kind in c:
-                lines.append(f"| {name} | {kind.split('_')[0]} | " + " | ".join(f"{v:.3f}" for v in c[kind]) + " |")
-    return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------------------------
-# plots (matplotlib; each returns the figure and saves a PNG atomically)
-
-
-def save_figure(fig, path: str | Path) -> Path:
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
-    return path
-
-
-def plot_recall(curves: dict[str, dict], path: str | Path | None = None):
-    """Recall@k against k, one colour per retriever: gold evidence found (solid; training's val_recall),
-    a gold answer in a passage (dashed)."""
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for label, c in curves.items():
-        line, = ax.plot(c["k"], c["evidence_recall"], marker="o", label=f"{label}: gold evidence")
-        ax.plot(c["k"], c["answer_recall"], marker="s", ls="--", color=line.get_color(), label=f"{label}: answer in passage")
-    ax.set(xlabel="k (passages retrieved)", ylabel="recall@k", ylim=(0, 1.02), title="Retrieval recall on the test split")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    if path:
-        save_figure(fig, path)
-    return fig
-
-
-def plot_em_f1(summaries: Sequence[dict], path: str | Path | None = None):
-    """Grouped EM / F1 bars, one group per (model, mode)."""
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    labels = [f"{s['model']}\n{s['mode']}" for s in summaries]
-    x = np.arange(len(labels))
-    fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(labels)), 4))
-    ax.bar(x - 0.2, [s["em"] for s in summaries], 0.4, label="EM")
-    ax.bar(x + 0.2, [s["f1"] for s in summaries], 0.4, label="F1")
-    ax.set_xticks(x, labels, fontsize=8)
-    ax.set(ylabel="score", title="Answer quality on the test split")
-    ax.legend()
-    if path:
-        save_figure(fig, path)
-    return fig
-
-
-def plot_latency(predictions: dict[str, list[dict]], path: str | Path | None = None):
-    """Histogram of per-question latency for each labelled prediction list."""
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for label, preds in predictions.items():
-        ax.hist([p["latency_s"] for p in preds], bins=30, alpha=0.6, label=label)
-    ax.set(xlabel="seconds per question", ylabel="questions", title="Answer latency")
-    ax.legend(fontsize=8)
-    if path:
-        save_figure(fig, path)
-    return fig
+def recall_curves(rags: dict, items: Sequence[dict], ks: Sequence[int] = (1, 2, 3, 5, 10, 20),
+                  out: str | Path | None = None) -> dict[str, dict]:
+    """`evaluate.recall_at_ks` for every pipeline on the same items ({label: curve}); saved as JSON to `out`."""
+    curves = {label: recall_at_ks(rag, items, ks) for label, rag in rags.items()}
+    if out is not None:
+        write_json(out, curves)
+    return curves

@@ -11,6 +11,8 @@ from typing import Sequence
 
 import torch
 
+from .models import eval_mode, unwrap
+
 # Markup a generator may emit that never belongs in an answer: special tokens like <|im_end|> or
 # <|endoftext|>, and bracketed internal markers like <SEP> or <pad>.
 _SPECIAL = re.compile(r"<\|[^|>]*\|>|</?s>|<(?:SEP|sep|pad|PAD|unk|UNK|CLS|cls|MASK|mask|eos|bos)>")
@@ -64,25 +66,23 @@ def generate_answers(model, tokenizer, prompts: Sequence[str], max_new_tokens: i
     """
     from transformers import StoppingCriteriaList
 
-    model = getattr(model, "module", model)  # look through DDP
+    model = unwrap(model)
     device = next(model.parameters()).device
-    was_training, side = model.training, tokenizer.padding_side
-    model.eval()
-    tokenizer.padding_side = "left"
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
     out: list[str] = []
     try:
-        for start in range(0, len(prompts), batch_size):
-            chunk = list(prompts[start:start + batch_size])
-            enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens).to(device)
-            width = enc["input_ids"].shape[1]
-            sampling = dict(do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p) if do_sample else \
-                dict(do_sample=False, temperature=None, top_k=None, top_p=None)
-            gen = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                 eos_token_id=tokenizer.eos_token_id,
-                                 stopping_criteria=StoppingCriteriaList([_StopAtNewline(tokenizer, width)]), **sampling)
-            texts = tokenizer.batch_decode(gen[:, width:], skip_special_tokens=True)  # (B,) new tokens only
-            out += [postprocess_answer(t) for t in texts]
+        with eval_mode(model):
+            for start in range(0, len(prompts), batch_size):
+                chunk = list(prompts[start:start + batch_size])
+                enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens).to(device)
+                width = enc["input_ids"].shape[1]
+                sampling = dict(do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p) if do_sample else \
+                    dict(do_sample=False, temperature=None, top_k=None, top_p=None)
+                gen = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                     eos_token_id=tokenizer.eos_token_id,
+                                     stopping_criteria=StoppingCriteriaList([_StopAtNewline(tokenizer, width)]), **sampling)
+                texts = tokenizer.batch_decode(gen[:, width:], skip_special_tokens=True)  # (B,) new tokens only
+                out += [postprocess_answer(t) for t in texts]
     finally:
-        model.train(was_training)
         tokenizer.padding_side = side
     return out

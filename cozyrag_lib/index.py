@@ -2,7 +2,7 @@
 
 Artefacts under `{run_dir}/index/` (one folder, swapped in atomically):
   * `index.faiss`     - the FAISS index (inner product on unit vectors = cosine similarity),
-  * `embeddings.npy`  - (N, d) float32, L2-normalised, row i = passage i of `passages.jsonl`,
+  * `embeddings.npy`  - (N, d) float32, L2-normalised, row i = passage i of `passages/passages.jsonl`,
   * `manifest.json`   - what the index was built from: retriever, dim, passage count and checksum,
                         factory and search settings, `version` (0 here; bumped by each refresh in training),
   * `config.json`     - the resolved config.
@@ -10,10 +10,10 @@ Artefacts under `{run_dir}/index/` (one folder, swapped in atomically):
 The functions are also the training loop's tools for refreshing the index after a retriever phase:
     emb = embed_corpus(retriever, passage_texts(passages), cfg.embed_batch_size)   # every rank
     index = make_faiss_index(emb, cfg.index_factory, cfg.nprobe, cfg.ef_search)     # rank 0 saves it
-    save_index(cfg.run_dir / "index", index, emb, {**manifest, "version": manifest["version"] + 1})
+    save_index(cfg.paths.index, index, emb, {**manifest, "version": manifest["version"] + 1})
 
 Reading it back:
-    pidx = PassageIndex.load(cfg.run_dir / "index", cfg.run_dir / "passages.jsonl", cfg.retriever)
+    pidx = PassageIndex.load(cfg.paths.index, cfg.paths.passages, cfg.retriever)
     scores, ids = pidx.search_text(retriever, ["Who was Albert Einstein?"], k=4)   # (1, 4) each
     best = pidx.passages[ids[0, 0]]                                               # {"id", "title", "text"}
 """
@@ -35,7 +35,9 @@ from tqdm import tqdm  # text bars: they also stream through papermill, where wi
 
 from . import distributed
 from .atomic import atomic_dir, atomic_path
+from .chunking import read_passages
 from .errors import CozyError
+from .models import autocast, eval_mode, load_retriever, retriever_identity, unwrap
 
 INDEX_FILE = "index.faiss"
 EMBEDDINGS_FILE = "embeddings.npy"
@@ -65,7 +67,7 @@ def passage_texts(passages: list[dict]) -> list[str]:
 
 def embedding_dim(retriever) -> int:
     """Width of the retriever's sentence embeddings (384 for all-MiniLM-L6-v2)."""
-    model = getattr(retriever, "module", retriever)  # look through a DDP wrapper
+    model = unwrap(retriever)
     get = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
     return int(get())
 
@@ -93,25 +95,20 @@ def embed_texts(retriever, texts: list[str], batch_size: int = 64, show_progress
     """
     from sentence_transformers.util import batch_to_device
 
-    model = getattr(retriever, "module", retriever)
+    model = unwrap(retriever)
     out = np.empty((len(texts), embedding_dim(model)), dtype=np.float32)  # (N, d)
     if len(texts) == 0:
         return out
     # longest first, so an out-of-memory batch shows up at once rather than at the end
     order = np.argsort(-_token_lengths(model, texts), kind="stable")
     preprocess = getattr(model, "preprocess", None) or model.tokenize  # sentence-transformers < 6: tokenize
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            bar = range(0, len(texts), batch_size)
-            for start in tqdm(bar, desc="embed", unit="batch", disable=not (show_progress and distributed.is_main_process())):
-                rows = order[start:start + batch_size]  # (B,) positions in `texts`
-                features = batch_to_device(preprocess([texts[i] for i in rows]), model.device)
-                emb = model(features)["sentence_embedding"]  # (B, d)
-                out[rows] = F.normalize(emb.float(), p=2, dim=1).cpu().numpy()
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.inference_mode():
+        bar = range(0, len(texts), batch_size)
+        for start in tqdm(bar, desc="embed", unit="batch", disable=not (show_progress and distributed.is_main_process())):
+            rows = order[start:start + batch_size]  # (B,) positions in `texts`
+            features = batch_to_device(preprocess([texts[i] for i in rows]), model.device)
+            emb = model(features)["sentence_embedding"]  # (B, d)
+            out[rows] = F.normalize(emb.float(), p=2, dim=1).cpu().numpy()
     return out
 
 
@@ -251,8 +248,6 @@ def file_sha256(path: str | Path) -> str:
 def make_manifest(retriever: str, dim: int, passages_path: str | Path, n_passages: int, factory: str = "Flat",
                   nprobe: int = 16, ef_search: int = 64, version: int = 0) -> dict[str, Any]:
     """What an index was built from; `PassageIndex.load` refuses an index whose inputs changed since."""
-    from .models import retriever_identity
-
     return {
         "version": version,  # 0 from the index stage; each refresh during training adds one
         "retriever": retriever_identity(retriever),
@@ -320,9 +315,6 @@ class PassageIndex:
         """Load `index_dir`, refusing it when it was built from another retriever, dim or passages file."""
         import faiss
 
-        from .chunking import read_passages
-        from .models import retriever_identity
-
         index_dir, passages_path = Path(index_dir), Path(passages_path)
         manifest_path = index_dir / MANIFEST_FILE
         m = read_manifest(index_dir)
@@ -378,17 +370,13 @@ class PassageIndex:
 
 
 def build_index(cfg) -> dict[str, Any]:
-    """The `index` stage: embed `{run_dir}/passages.jsonl` (across ranks under torchrun), rank 0 writes `index/`."""
-    from .chunking import read_passages
-    from .models import autocast, load_retriever
-
-    passages_path = cfg.run_dir / "passages.jsonl"
+    """The `index` stage: embed `{run_dir}/passages/passages.jsonl` (across ranks under torchrun), rank 0 writes `index/`."""
+    cfg.paths.upgrade()
+    passages_path = cfg.paths.passages
     if not passages_path.is_file() or passages_path.stat().st_size == 0:
         what = "not found" if not passages_path.is_file() else "empty"
         raise CozyError(f"{passages_path}: {what}; run the chunk stage first (python -m cozyrag_lib chunk)")
-    owns_group = distributed.launched_by_torchrun() and not distributed.is_distributed()
-    device = distributed.setup(cfg.device)
-    try:
+    with distributed.process_group(cfg.device) as device:
         t0 = time.time()
         passages = read_passages(passages_path)
         if not passages:
@@ -405,11 +393,9 @@ def build_index(cfg) -> dict[str, Any]:
             index = make_faiss_index(embeddings, cfg.index_factory, cfg.nprobe, cfg.ef_search)
             manifest = make_manifest(cfg.retriever, dim, passages_path, len(passages), cfg.index_factory,
                                      cfg.nprobe, cfg.ef_search, version=0)
-            index_dir = save_index(cfg.run_dir / "index", index, embeddings, manifest, config=cfg)
+            index_dir = save_index(cfg.paths.index, index, embeddings, manifest, config=cfg)
             summary = {"index_dir": str(index_dir), **manifest, "world_size": distributed.get_world_size(),
                        "embed_seconds": round(t_embed, 2), "seconds": round(time.time() - t0, 2)}
         distributed.barrier()  # other ranks may read index/ only once rank 0 has swapped it in
         return distributed.broadcast_object(summary)
-    finally:
-        if owns_group:
-            distributed.cleanup()
+

@@ -13,12 +13,14 @@ Only hub names may touch the network; everything else runs with the HF offline s
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 from pathlib import Path
 
 from safetensors import SafetensorError
 
+from .atomic import atomic_dir
 from .errors import CozyError, first_line
 
 EMBEDDED_GENERATOR = "embedded:smollm2-135m-instruct"
@@ -161,7 +163,6 @@ def _convert_gguf(gguf: Path, out: Path) -> Path:
         return out
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from .atomic import atomic_dir
 
     print(f"converting {gguf.name} to a Hugging Face folder in {out} (once, about 20 s)", flush=True)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -185,7 +186,6 @@ def _build_tiny_gpt2(cache_dir: Path) -> Path:
     import torch
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
-    from .atomic import atomic_dir
 
     tok = AutoTokenizer.from_pretrained(_convert_gguf(package_file(EMBEDDED_GENERATOR), cache_dir / "smollm2-135m-instruct"))
     torch.manual_seed(0)
@@ -216,3 +216,20 @@ def autocast(precision: str, device):
     import torch
 
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16(precision, device))
+
+
+def unwrap(model):
+    """The model under a DistributedDataParallel wrapper (the model itself when not wrapped)."""
+    return getattr(model, "module", model)
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """Eval mode for the block (no dropout), then the train/eval mode the model had before."""
+    was = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was)
+

@@ -136,6 +136,9 @@ class RunPaths:
             src, dst = self.root / old, self.root / new
             if src.exists() and not dst.exists():
                 dst.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(src, dst)
+                try:
+                    os.replace(src, dst)
+                except FileNotFoundError:  # another rank of the same torchrun job moved it first
+                    continue
                 moved.append(f"{old} -> {new}")
         return moved

@@ -19,12 +19,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 
+from .chunking import read_passages
+from .cli import locate_run, parse_command, run_spec
 from .config import Config, load_config
 from .errors import CozyError
-from .paths import FINAL as TRAINED  # training writes final/{generator,retriever,index} under the run folder
+from .generate import generate_answers
+from .index import PassageIndex, embed_texts, make_faiss_index, passage_texts
+from .jsonio import read_json
+from .models import autocast, load_generator, load_retriever, use_bf16
+from .paths import RunPaths
+from .retrieval import CHAT, SentenceCache, format_prompt, rank_sentences, retrieve, truncate_tokens
 
 MODES = ("rag", "closed", "oracle")
 
@@ -40,18 +46,15 @@ def resolve_run(run: str | Path, out_root: str = "outputs/runs") -> tuple[Path, 
     if not path.is_dir():
         looked = dict.fromkeys([spec, str(Path(out_root) / spec)])  # one place when spec is an absolute path
         raise CozyError(f"run '{spec}': no such run folder (looked at {' and '.join(looked)})")
+    RunPaths(path).upgrade()  # a run of the earlier flat layout: moved into train/, passages/
     return path, base
 
 
 def run_config(run_dir: Path, **overrides: Any) -> Config:
     """The resolved config a run was made with (training's, else the index stage's), plus overrides."""
-    for name in ("train.config.json", "index/config.json", "passages.config.json", "qa/config.json"):
-        path = run_dir / name
+    for path in RunPaths(run_dir).stage_configs():
         if path.is_file():
-            try:
-                values = json.loads(path.read_text(encoding="utf-8"))
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise CozyError(f"{path}: not a valid config file ({e})") from None
+            values = read_json(path, "not a valid config file; rerun that stage")
             if not isinstance(values, dict):
                 raise CozyError(f"{path}: not a valid config file (expected a JSON object)")
             values.update(out_root=str(run_dir.parent), run_name=run_dir.name)
@@ -65,7 +68,6 @@ def run_config(run_dir: Path, **overrides: Any) -> Config:
 @dataclass
 class RAG:
     """Generator + tokenizer + retriever + passage index, with the answering settings of `cfg`."""
-
     cfg: Config
     generator: Any
     tokenizer: Any
@@ -82,21 +84,17 @@ class RAG:
         corpus: a passages JSONL to search instead of the run's own; it is embedded with the run's
         retriever into a temporary in-memory Flat index.
         """
-        from .index import PassageIndex
-        from .models import load_generator, load_retriever, use_bf16
-        from .retrieval import SentenceCache
-
         run_dir, base = resolve_run(run, overrides.get("out_root", "outputs/runs"))
         cfg = run_config(run_dir, **overrides)
         dev = device or ("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu")
-        trained = run_dir / TRAINED
+        paths = RunPaths(run_dir)
         if base:
-            gen_spec, ret_spec, index_dir = cfg.generator, cfg.retriever, run_dir / "index"
+            gen_spec, ret_spec, index_dir = cfg.generator, cfg.retriever, paths.index
         else:
-            if not (trained / "generator" / "config.json").is_file():
-                raise CozyError(f"{run_dir}: no trained model in {trained}/ (train it first, or use base:{run_dir} "
+            if not (paths.final_generator / "config.json").is_file():
+                raise CozyError(f"{run_dir}: no trained model in {paths.final}/ (train it first, or use base:{run_dir} "
                                 f"for the untrained models)")
-            gen_spec, ret_spec, index_dir = str(trained / "generator"), str(trained / "retriever"), trained / "index"
+            gen_spec, ret_spec, index_dir = str(paths.final_generator), str(paths.final_retriever), paths.final_index
         generator, tokenizer = load_generator(gen_spec, cfg.model_cache, cfg.trust_remote_code)
         generator.to(dev).eval()
         # bf16 weights where the hardware is fast at bf16 (precision "auto") or when asked ("bf16"); on GPUs
@@ -109,7 +107,7 @@ class RAG:
         if corpus is not None:
             pindex = temporary_index(retriever, corpus, cfg)
         else:
-            pindex = PassageIndex.load(index_dir, run_dir / "passages.jsonl", retriever=ret_spec)
+            pindex = PassageIndex.load(index_dir, paths.passages, retriever=ret_spec)
         name = f"{'base' if base else 'trained'}:{run_dir.name}"
         return cls(cfg, generator, tokenizer, retriever, pindex, name, SentenceCache(retriever, cfg.embed_batch_size))
 
@@ -133,10 +131,6 @@ class RAG:
         context_sentences (the sentences given to the generator, best first), context (the text as
         prompted), timings {retrieve_s, context_s, generate_s, total_s} (per question: batch time / n).
         """
-        from .generate import generate_answers
-        from .models import autocast
-        from .retrieval import CHAT, format_prompt, rank_sentences, retrieve, truncate_tokens
-
         if mode not in MODES:
             raise CozyError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         if not questions or any(not isinstance(q, str) or not q.strip() for q in questions):
@@ -155,7 +149,6 @@ class RAG:
             elif mode == "oracle":
                 if contexts is None or len(contexts) != n:
                     raise CozyError("oracle mode needs one gold context per question")
-                from .index import embed_texts
 
                 q_emb = embed_texts(self.retriever, list(questions), cfg.embed_batch_size, show_progress=False)
                 hits = [[{"id": f"gold-{i}", "title": "", "text": c, "score": float("nan")}] for i, c in enumerate(contexts)]
@@ -188,9 +181,6 @@ class RAG:
 
 def temporary_index(retriever, corpus: str | Path, cfg: Config):
     """An in-memory Flat index over a passages JSONL, embedded with `retriever`."""
-    from .chunking import read_passages
-    from .index import PassageIndex, embed_texts, make_faiss_index, passage_texts
-
     passages = read_passages(corpus)
     emb = embed_texts(retriever, passage_texts(passages), cfg.embed_batch_size)  # (N, d)
     manifest = {"retriever": "in-memory", "dim": int(emb.shape[1]), "passages": len(passages),
@@ -225,8 +215,6 @@ def format_answer(out: dict, width: int = 100) -> str:
 
 def cli(argv: list[str]) -> int:
     """`python -m cozyrag_lib ask [--run=RUN] [--mode=rag|closed] [--json] [--key=value ...] QUESTION...`"""
-    from .cli import locate_run, parse_command, run_spec
-
     parsed = parse_command("ask", argv)
     for i, q in enumerate(parsed.options["question"], 1):
         if not q.strip():

@@ -18,7 +18,12 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from tqdm import tqdm  # text bars: they also stream through papermill, where widget bars stay invisible
 
+from . import distributed
+from .errors import CozyError
+from .index import embed_texts
+from .metrics import answer_in_text
 from .text import split_sentences
 
 DEFAULT_TEMPLATE = "Q: {question}\nContext:\n{context}\nA: "
@@ -34,11 +39,6 @@ def retrieve(retriever, pindex, questions: Sequence[str], k: int, batch_size: in
 
     Questions are encoded a batch at a time and each batch is ONE FAISS search.
     """
-    from tqdm import tqdm
-
-    from . import distributed
-    from .index import embed_texts
-
     n = len(questions)
     dim, k = pindex.index.d, min(k, len(pindex))
     q_emb = np.zeros((n, dim), np.float32)
@@ -72,8 +72,6 @@ class SentenceCache:
 
     def add(self, passages: Sequence[dict]) -> None:
         """Split and encode the passages not seen yet, all missing sentences in one batched pass."""
-        from .index import embed_texts
-
         todo = [p for p in {p["id"]: p for p in passages}.values() if p["id"] not in self.embeddings]
         if not todo:
             return
@@ -155,8 +153,6 @@ def format_prompt(tokenizer, question: str, context: str, template: str = DEFAUL
     """
     if template == CHAT:
         if not getattr(tokenizer, "chat_template", None):
-            from .errors import CozyError
-
             raise CozyError("config: prompt_template='chat' but the generator's tokenizer has no chat template")
         message = f"Answer the question using the context.\nContext:\n{context}\n\nQuestion: {question}"
         return tokenizer.apply_chat_template([{"role": "user", "content": message}], tokenize=False,
@@ -281,8 +277,6 @@ def gold_passages(items: Sequence[dict], passages: Sequence[dict]) -> list[int]:
     >>> gold_passages([{"title": "Paris", "answers": ["x"]}], [{"title": "Rome", "text": "."}, {"title": "Paris", "text": "."}])
     [1]
     """
-    from .metrics import answer_in_text
-
     by_title: dict[str, list[int]] = {}
     for row, p in enumerate(passages):
         by_title.setdefault(p["title"], []).append(row)

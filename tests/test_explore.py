@@ -1,11 +1,11 @@
-"""Notebook 05 helpers: HTML rendering, tables, the question box's plain fallback, PNG plots."""
+"""Notebook helpers: HTML rendering, the question box's plain fallback (explore); tables and PNG plots (report)."""
 from types import SimpleNamespace
 
 import pytest
 
-from cozyrag_lib.explore import (answer_html, plot_em_f1, plot_latency, plot_recall, question_box, recall_table,
-                                 source_table, summary_table, type_table, answers_table,
-                                 qa_table, qtype_split_table)
+from cozyrag_lib.explore import answer_html, question_box
+from cozyrag_lib.report import (answers_table, passages_table, plot_em_f1, plot_latency, plot_recall,
+                                qa_table, qtype_split_table, recall_table, source_table, summary_table, type_table)
 
 OUT = {"question": "Who wrote it?", "answer": "Ann <b>", "mode": "rag",
        "passages": [{"id": "p1", "title": "Books", "text": "Ann wrote it. Cats sleep.", "score": 0.9}],
@@ -77,6 +77,13 @@ def test_qa_tables():
     assert qtype_split_table({"sources": {"x.json": {}}}) == ""
 
 
+def test_passages_table_shows_the_start_of_each_passage():
+    passages = [{"id": f"p{i}", "title": f"T|{i}", "text": "word " * 100} for i in range(9)]
+    lines = passages_table(passages, n=3, chars=20).splitlines()
+    assert lines[0] == "| id | title | text |" and len(lines) == 5
+    assert lines[2] == "| p0 | T\\|0 | " + ("word " * 4) + "… |"
+
+
 def test_recall_table_rows_per_retriever_and_kind():
     t = recall_table({"base": {"k": [1, 5], "evidence_recall": [0.5, 0.9], "answer_recall": [0.1, 0.25]},
                       "trained": {"k": [1, 5], "evidence_recall": [0.6, 0.95], "answer_recall": [0.2, 0.3]}})
@@ -88,7 +95,8 @@ def test_recall_table_rows_per_retriever_and_kind():
 def test_plots_are_written_as_png(tmp_path):
     pytest.importorskip("matplotlib")
     plot_recall({"base": {"k": [1, 5], "evidence_recall": [0.5, 0.9], "answer_recall": [0.1, 0.3]}}, tmp_path / "r.png")
-    plot_em_f1([{"model": "base", "mode": "rag", "em": 0.1, "f1": 0.2}], tmp_path / "e.png")
+    fig = plot_em_f1([{"model": "base", "mode": "rag", "em": 0.1, "f1": 0.2}], tmp_path / "e.png")
+    assert fig.axes[0].get_ylim() == (0, 1)  # scores on their whole range, comparable between runs
     plot_latency({"base": [{"latency_s": 0.1}, {"latency_s": 0.3}]}, tmp_path / "l.png")
     for name in ("r.png", "e.png", "l.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

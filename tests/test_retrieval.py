@@ -127,12 +127,12 @@ def test_gold_passages_by_title_and_context():
 
 
 def test_contexts_are_cached_per_retriever_and_index_version(retriever, pindex, tok, monkeypatch):
-    from cozyrag_lib import train
+    from cozyrag_lib import train_data
 
     calls = []
-    real = train.retrieve
-    monkeypatch.setattr(train, "retrieve", lambda *a, **k: calls.append(len(a[2])) or real(*a, **k))
-    class FakeRun(types.SimpleNamespace):  # the parts of train.Run that contexts_for uses
+    real = train_data.retrieve
+    monkeypatch.setattr(train_data, "retrieve", lambda *a, **k: calls.append(len(a[2])) or real(*a, **k))
+    class FakeRun(types.SimpleNamespace):  # the parts of train_state.Run that contexts_for uses
         versions = property(lambda self: (self.state["retriever_version"], self.state["index_version"]))
 
         def autocast(self):
@@ -143,11 +143,11 @@ def test_contexts_are_cached_per_retriever_and_index_version(retriever, pindex, 
     run = FakeRun(cfg=cfg, retriever=retriever, pindex=pindex, tokenizer=tok, context_cache={},
                   sentence_cache=SentenceCache(retriever), state=state)
     items = [{"id": "a", "question": "capital of France"}, {"id": "b", "question": "highest mountain"}]
-    first = train.contexts_for(run, items, 3)
+    first = train_data.contexts_for(run, items, 3)
     assert calls == [2]
-    assert train.contexts_for(run, items, 3) == first and calls == [2]  # cached: no retrieval
-    train.contexts_for(run, items + [{"id": "c", "question": "violin"}], 3)
+    assert train_data.contexts_for(run, items, 3) == first and calls == [2]  # cached: no retrieval
+    train_data.contexts_for(run, items + [{"id": "c", "question": "violin"}], 3)
     assert calls == [2, 1]  # only the new question
     state["index_version"] = 1  # a refreshed index invalidates the cache
-    train.contexts_for(run, items, 3)
+    train_data.contexts_for(run, items, 3)
     assert calls == [2, 1, 2]

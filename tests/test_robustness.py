@@ -39,6 +39,7 @@ import torch
 from conftest import ROOT, run_cli
 from cozyrag_lib.__main__ import main
 from cozyrag_lib.config import load_config
+from cozyrag_lib.paths import RunPaths
 
 LIB = ROOT / "cozyrag_lib"
 # one thread per process and unbuffered output keep subprocess timings steady on 2 cores
@@ -97,12 +98,12 @@ def add_final(run: Path, models: Path) -> Path:
 
 def add_checkpoint(run: Path, models: Path, cache: Path) -> Path:
     """run/checkpoints/last with the files `--resume` reads (models, state, optimizers, the same config)."""
-    from cozyrag_lib.train import new_state
+    from cozyrag_lib.train_state import TrainState
 
-    ckpt = run / "checkpoints" / "last"
+    ckpt = RunPaths(run).checkpoint
     shutil.copytree(models / "generator", ckpt / "generator")
     shutil.copytree(models / "retriever", ckpt / "retriever")
-    torch.save({**new_state(0), "step": 2, "phase_step": 2, "rng": [], "world_size": 1}, ckpt / "state.pt")
+    torch.save({**TrainState().to_dict(), "step": 2, "phase_step": 2, "rng": [], "world_size": 1}, ckpt / "state.pt")
     torch.save({"generator": {}, "retriever": {}}, ckpt / "optimizers.pt")
     (ckpt / "phase_data.json").write_text("null")
     # the config the command line below resolves to: resuming with another one would print a note
@@ -205,12 +206,12 @@ CASES = [
     Case("chunk-retriever-missing", ["chunk", *T, "--retriever={tmp}/no-retriever"], nothing,
          ["no-retriever", "retriever folder not found"]),
     # --- index ------------------------------------------------------------------------------------------------
-    Case("index-passages-truncated", ["index", *T], lambda r, t, c: truncate(r / "passages.jsonl"),
+    Case("index-passages-truncated", ["index", *T], lambda r, t, c: truncate(RunPaths(r).passages),
          ["passages.jsonl:", "not valid JSON; corrupt passages file? re-run chunking"], subprocess=True),
-    Case("index-passages-binary", ["index", *T], lambda r, t, c: write(r / "passages.jsonl", b"\x00\xff" * 64),
+    Case("index-passages-binary", ["index", *T], lambda r, t, c: write(RunPaths(r).passages, b"\x00\xff" * 64),
          ["passages.jsonl:1", "not UTF-8"]),
     Case("index-passages-wrong-shape", ["index", *T],
-         lambda r, t, c: write(r / "passages.jsonl", '{"id": 7, "title": "A", "text": "B"}\n'),
+         lambda r, t, c: write(RunPaths(r).passages, '{"id": 7, "title": "A", "text": "B"}\n'),
          ["passages.jsonl:1", "expected an object with string 'id', 'title' and 'text'"]),
     Case("index-factory-needs-more-passages", ["index", *T, "--index_factory=IVF9999,Flat"], nothing,
          ["index_factory='IVF9999,Flat'", "needs at least 9999 passages"]),
@@ -230,7 +231,7 @@ CASES = [
     Case("train-index-other-dim", ["train", *T], lambda r, t, c: edit_json(r / "index" / "manifest.json", dim=768),
          ["manifest.json", "built for dim 768", "retriever gives dim 384"]),
     Case("train-index-other-passages", ["train", *T],
-         lambda r, t, c: write(r / "passages.jsonl", (r / "passages.jsonl").read_text().replace("e", "E", 1)),
+         lambda r, t, c: write(RunPaths(r).passages, RunPaths(r).passages.read_text().replace("e", "E", 1)),
          ["passages.jsonl", "(the passages changed)"], subprocess=True),
     Case("train-index-missing", ["train", *T], lambda r, t, c: shutil.rmtree(r / "index"),
          ["manifest.json", "not found; build the index"]),
@@ -256,15 +257,15 @@ CASES = [
          lambda r, t, c: truncate(add_final(r, c.models) / "retriever" / "model.safetensors", 0.9),
          ["final/retriever/model.safetensors", "damaged retriever weights"]),
     Case("ask-empty-question", ["ask", "--run", "base:{run}", "Who?", "   "], nothing, ["question 2", "is empty"]),
-    Case("ask-top-k-zero", ["ask", "--run", "base:{run}", "--top-k", "0", "Who?"], nothing,
-         ["--top-k", "must be positive, got 0"]),
+    Case("ask-top-k-zero", ["ask", "--run", "base:{run}", "--top_k=0", "Who?"], nothing,
+         ["top_k must be positive, got 0"]),
     Case("ask-run-config-unknown-key", ["ask", "--run", "base:{run}", "Who?"],
          lambda r, t, c: edit_json(r / "index" / "config.json", retrieval_mode="hybrid"),
          ["index/config.json", "unknown config key 'retrieval_mode'"]),
     Case("ask-run-config-not-json", ["ask", "--run", "base:{run}", "Who?"],
          lambda r, t, c: truncate(r / "index" / "config.json"), ["index/config.json", "not a valid config file"]),
     Case("ask-index-for-other-passages", ["ask", "--run", "base:{run}", "Who?"],
-         lambda r, t, c: write(r / "passages.jsonl", (r / "passages.jsonl").read_text().replace("a", "A", 1)),
+         lambda r, t, c: write(RunPaths(r).passages, RunPaths(r).passages.read_text().replace("a", "A", 1)),
          ["passages.jsonl", "(the passages changed)"]),
     # --- evaluate ---------------------------------------------------------------------------------------------
     Case("evaluate-run-without-final", ["evaluate", "--run", "{run}", "--qa", "{run}/qa/test.jsonl"], nothing,
@@ -275,13 +276,13 @@ CASES = [
          ["test.jsonl", "no usable QA pairs in this tsv file"]),
     Case("evaluate-negative-limit", [*EVAL, "--limit", "-1"], nothing, ["--limit", "must not be negative, got -1"]),
     Case("evaluate-corpus-truncated", [*EVAL, "--corpus", "{tmp}/cut.jsonl"],
-         lambda r, t, c: write(t / "cut.jsonl", (r / "passages.jsonl").read_bytes()[:5000]),
+         lambda r, t, c: write(t / "cut.jsonl", RunPaths(r).passages.read_bytes()[:5000]),
          ["cut.jsonl:", "not valid JSON"]),
     # --- bench ------------------------------------------------------------------------------------------------
     Case("bench-unknown", ["bench", "indx"], nothing, ["indx", "unknown benchmark"]),
     Case("bench-option-not-a-number", ["bench", "index", *T, "--max_passages=many"], nothing,
          ["--max_passages='many'", "is not an integer"]),
-    Case("bench-passages-truncated", ["bench", "index", *T], lambda r, t, c: truncate(r / "passages.jsonl"),
+    Case("bench-passages-truncated", ["bench", "index", *T], lambda r, t, c: truncate(RunPaths(r).passages),
          ["passages.jsonl:", "not valid JSON"]),
 ]
 
@@ -325,7 +326,7 @@ def test_an_intact_final_folder_answers(tiny_run, saved_models, tmp_path, capsys
     """The trained-run layout the damaged-final cases start from does load and answer when intact."""
     run = copy_run(tiny_run, tmp_path)
     add_final(run, saved_models)
-    assert main(["ask", "--run", str(run), "--json", "--top-k", "2", "Who was Ada Lovelace?"]) == 0
+    assert main(["ask", "--run", str(run), "--json", "--top_k=2", "Who was Ada Lovelace?"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert len(out["passages"]) == 2 and isinstance(out["answer"], str)
 
@@ -352,16 +353,16 @@ def kill_when(cmd: list[str], ready: Callable[[], bool], timeout: float = 300) -
 def test_chunking_killed_midway_keeps_the_old_passages_and_a_rerun_matches(tiny_run, tmp_path):
     run = tmp_path / "runs" / "tiny"
     old = '{"id": "old-0", "title": "Old", "text": "the passages of an earlier run"}\n'
-    write(run / "passages.jsonl", old)
+    write(RunPaths(run).passages, old)
     cmd = [sys.executable, "-m", "cozyrag_lib", "chunk", "--preset=tiny", f"--out_root={run.parent}",
            f"--model_cache={tiny_run.model_cache}"]
     part = run / ".passages.parts" / "part-00000.jsonl"
     kill_when(cmd, part.exists)  # killed while chunking into its part file
-    assert (run / "passages.jsonl").read_text() == old  # the earlier artefact, whole
+    assert RunPaths(run).passages.read_text() == old  # the earlier artefact, whole
     r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     # byte for byte what the uninterrupted (in-process) run of the session wrote; leftovers are cleaned up
-    assert (run / "passages.jsonl").read_bytes() == (tiny_run.run_dir / "passages.jsonl").read_bytes()
+    assert RunPaths(run).passages.read_bytes() == RunPaths(tiny_run.run_dir).passages.read_bytes()
     assert not (run / ".passages.parts").exists()
 
 
@@ -370,13 +371,13 @@ def test_indexing_killed_midway_keeps_the_old_index_and_a_rerun_matches(tiny_run
     from cozyrag_lib.index import build_index
 
     # 40 passages and batches of 4: short builds, but ten progress steps to be killed in
-    lines = (tiny_run.run_dir / "passages.jsonl").read_text().splitlines(keepends=True)[:40]
+    lines = RunPaths(tiny_run.run_dir).passages.read_text().splitlines(keepends=True)[:40]
     args = dict(model_cache=str(tiny_run.model_cache), embed_batch_size=4)
     ref = load_config("tiny", out_root=str(tmp_path / "ref"), **args)
-    write(ref.run_dir / "passages.jsonl", "".join(lines))
+    write(RunPaths(ref.run_dir).passages, "".join(lines))
     build_index(ref)  # the uninterrupted build, in this process
     run = tmp_path / "runs" / "tiny"
-    write(run / "passages.jsonl", "".join(lines))
+    write(RunPaths(run).passages, "".join(lines))
     shutil.copytree(ref.run_dir / "index", run / "index")
     edit_json(run / "index" / "manifest.json", created="an earlier build")
     old = snapshot(run / "index")
@@ -417,13 +418,13 @@ from pathlib import Path
 
 from cozyrag_lib import distributed, train
 
-save_checkpoint = train.save_checkpoint
+save_checkpoint = train.save_checkpoint  # the loop looks it up in train's namespace
 
 
 def save_then_die(run):
     save_checkpoint(run)
     first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
-    if run.state["step"] == {step} and distributed.get_rank() == 1 and first_attempt:
+    if run.state.step == {step} and distributed.get_rank() == 1 and first_attempt:
         Path({marker!r}).write_text("rank 1 died after step {step}")
         os._exit(1)
 
@@ -449,9 +450,9 @@ def test_torchrun_rank_death_ends_cleanly_and_max_restarts_resumes(tiny_run, tmp
     assert r.returncode == 0, r.stderr[-4000:]
     # the first attempt found no checkpoint, the second did (or it would say so again) and went on from step 2
     assert r.stderr.count("starting from the beginning") == 1, r.stderr[-4000:]
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in RunPaths(run).metrics.read_text().splitlines()]
     assert [x["step"] for x in rows if "loss" in x] == [1, 2, 3, 4]  # every step logged once
-    state = torch.load(run / "checkpoints" / "last" / "state.pt", weights_only=True)
+    state = torch.load(RunPaths(run).checkpoint / "state.pt", weights_only=True)
     assert state["step"] == 4 and len(state["rng"]) == 2
 
 
@@ -546,8 +547,8 @@ def test_tiny_pipeline_runs_with_the_network_blocked(tmp_path, model_cache):
     assert [n for n in notes if "blocked" in n] == []  # and nothing even tried to reach the network
 
     # weights are written as safetensors, never as pickles
-    for folder in [run / "final" / "generator", run / "final" / "retriever", run / "checkpoints" / "last" / "generator",
-                   run / "checkpoints" / "last" / "retriever"]:
+    for folder in [run / "final" / "generator", run / "final" / "retriever", RunPaths(run).checkpoint / "generator",
+                   RunPaths(run).checkpoint / "retriever"]:
         files = [p.name for p in folder.rglob("*") if p.is_file()]
         assert any(f.endswith(".safetensors") for f in files), (folder, files)
         assert not any(f.endswith((".bin", ".pkl", ".pickle", ".pth")) for f in files), (folder, files)

@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from conftest import ROOT
-from cozyrag_lib import train
+from cozyrag_lib import checkpoint, launch, report, train, train_data, train_eval, train_steps
+from cozyrag_lib.paths import RunPaths
 from cozyrag_lib.config import load_config
 from cozyrag_lib.errors import CozyError
 from cozyrag_lib.losses import answer_nll
@@ -55,7 +56,7 @@ def new_run(stages, name: str) -> Path:
     src, dst = stages.run_dir, Path(stages.out_root) / name
     shutil.copytree(src / "qa", dst / "qa")
     shutil.copytree(src / "index", dst / "index")
-    shutil.copy(src / "passages.jsonl", dst / "passages.jsonl")
+    shutil.copytree(src / "passages", dst / "passages")
     return dst
 
 
@@ -75,7 +76,7 @@ def run_training(stages, name: str, *extra: str, nproc: int = 0) -> Path:
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in RunPaths(run_dir).metrics.read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +109,7 @@ def test_answer_logits_match_the_full_forward(arch, tiny_generator):
     b = collate(examples, pad_id=0, eos_id=2)
 
     model.zero_grad()
-    fast = answer_nll(train.AnswerLM(model)(b["input_ids"], b["attention_mask"], b["positions"]),
+    fast = answer_nll(train_steps.AnswerLM(model)(b["input_ids"], b["attention_mask"], b["positions"]),
                       b["answer_ids"], b["answer_mask"])
     fast.backward()
     fast_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -132,7 +133,7 @@ def test_answer_logits_match_the_full_forward(arch, tiny_generator):
 
 
 def test_get_lr_warms_up_then_decays_to_a_tenth():
-    lrs = [train.get_lr(s, 100, 1.0, 10) for s in range(101)]
+    lrs = [train_data.get_lr(s, 100, 1.0, 10) for s in range(101)]
     assert lrs[0] < lrs[5] < lrs[9] <= 1.0
     assert max(lrs) == pytest.approx(1.0) and lrs[100] == pytest.approx(0.1)
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
@@ -141,19 +142,19 @@ def test_get_lr_warms_up_then_decays_to_a_tenth():
 def test_plan_phases_caps_and_repeats():
     cfg = load_config("tiny", phases=["generator", "retriever"], phase_repeats=2, max_steps_per_phase=0,
                       epochs_per_phase=2.0, batch_size=4, grad_accum=2)
-    assert train.plan_phases(cfg, 40, world=1) == [("generator", 10), ("retriever", 10)] * 2  # 2 x 10 batches / 2
+    assert train_data.plan_phases(cfg, 40, world=1) == [("generator", 10), ("retriever", 10)] * 2  # 2 x 10 batches / 2
     cfg.max_steps_per_phase = 3
-    assert train.plan_phases(cfg, 40, world=2) == [("generator", 3), ("retriever", 3)] * 2
+    assert train_data.plan_phases(cfg, 40, world=2) == [("generator", 3), ("retriever", 3)] * 2
     with pytest.raises(CozyError, match="fewer than one global batch"):
-        train.plan_phases(cfg, 7, world=2)
+        train_data.plan_phases(cfg, 7, world=2)
     cfg.retriever_max_steps_per_phase = 2  # retriever phases get their own cap; generator phases keep theirs
-    assert train.plan_phases(cfg, 40, world=2) == [("generator", 3), ("retriever", 2)] * 2
+    assert train_data.plan_phases(cfg, 40, world=2) == [("generator", 3), ("retriever", 2)] * 2
 
 
 def test_phase_batches_are_the_same_global_batches_for_any_world_size():
     lengths = np.random.default_rng(0).integers(5, 50, 37)
-    one = train.PhaseBatches(lengths, batch_size=4, world=1, seed=1, phase_index=0)
-    two = train.PhaseBatches(lengths, batch_size=2, world=2, seed=1, phase_index=0)
+    one = train_data.PhaseBatches(lengths, batch_size=4, world=1, seed=1, phase_index=0)
+    two = train_data.PhaseBatches(lengths, batch_size=2, world=2, seed=1, phase_index=0)
     for epoch in range(3):
         one.set_epoch(epoch)
         two.set_epoch(epoch)
@@ -185,10 +186,10 @@ QUESTION, ANSWER = "What is the capital of Freedonia?", "Zorbatown"
 
 
 def fake_run(retriever, generator=None, tokenizer=None, loss="lm_supervised"):
-    """The parts of train.Run that retriever_loss / candidate_logprobs use, with a real retriever."""
+    """The parts of train_state.Run that retriever_loss / candidate_logprobs use, with a real retriever."""
     cfg = load_config("tiny", retriever_loss=loss, context_tokens=64, batch_size=2, retriever_temperature=0.1)
     run = types.SimpleNamespace(cfg=cfg, device=torch.device("cpu"), retriever=retriever, passage_encoder=retriever,
-                                ret_model=train.RetrieverEncoder(retriever), generator=generator, tokenizer=tokenizer,
+                                ret_model=train_steps.RetrieverEncoder(retriever), generator=generator, tokenizer=tokenizer,
                                 pindex=types.SimpleNamespace(passages=PASSAGES))
     run.autocast = lambda: torch.autocast("cpu", enabled=False)
     return run
@@ -198,7 +199,7 @@ def passage_scores(retriever) -> torch.Tensor:
     from cozyrag_lib.index import embed_texts
 
     q = embed_texts(retriever, [QUESTION], show_progress=False)
-    p = embed_texts(retriever, [train.passage_text(p) for p in PASSAGES], show_progress=False)
+    p = embed_texts(retriever, [train_steps.passage_text(p) for p in PASSAGES], show_progress=False)
     return torch.from_numpy(p @ q[0])  # (2,) cosine of A and B
 
 
@@ -209,12 +210,12 @@ def test_lm_supervised_step_raises_the_passage_that_helps_the_generator(retrieve
     run = fake_run(st)
     run.cfg.retriever_temperature = 1.0  # a soft retriever distribution (~0.65 / 0.35) the target (~0.996) exceeds
     # the generator finds the answer far more likely given A (fixed log-probs stand in for it here)
-    monkeypatch.setattr(train, "candidate_logprobs", lambda run, q, a, cand: torch.tensor([[-6.0, -0.5]] * len(q)))
+    monkeypatch.setattr(train_steps, "candidate_logprobs", lambda run, q, a, cand: torch.tensor([[-6.0, -0.5]] * len(q)))
     batch = {"questions": [QUESTION], "answers": [ANSWER], "candidates": [[1, 0]], "gold": [-1]}  # B ranked first
     before = passage_scores(st)
     opt = torch.optim.AdamW(st.parameters(), lr=1e-5)
     for _ in range(2):
-        loss, parts = train.retriever_loss(run, batch)
+        loss, parts = train_steps.retriever_loss(run, batch)
         assert torch.isfinite(loss) and set(parts) >= {"retriever_kl", "gold_passage", "retriever_loss"}
         loss.backward()
         opt.step()
@@ -229,7 +230,7 @@ def test_generator_log_probs_prefer_the_passage_with_the_answer(retriever, model
 
     gen, tok = load_generator("embedded:smollm2-135m-instruct", model_cache)
     run = fake_run(retriever, gen, tok)
-    lp = train.candidate_logprobs(run, [QUESTION], [ANSWER], torch.tensor([[0, 1, -1]]))
+    lp = train_steps.candidate_logprobs(run, [QUESTION], [ANSWER], torch.tensor([[0, 1, -1]]))
     assert lp.shape == (1, 3) and lp[0, 2] == -1e4  # a missing candidate
     assert lp[0, 0] > lp[0, 1] + 1.0, lp
 
@@ -241,7 +242,7 @@ def test_contrastive_step_runs_on_retrieved_contexts(retriever):
     run = fake_run(st, loss="contrastive")
     batch = {"questions": [QUESTION, "What colour are bananas?"], "answers": ["x", "y"], "gold": [-1, -1],
              "contexts": [PASSAGES[0]["text"], PASSAGES[1]["text"]]}
-    loss, parts = train.retriever_loss(run, batch)
+    loss, parts = train_steps.retriever_loss(run, batch)
     loss.backward()
     assert torch.isfinite(loss) and any(p.grad is not None and p.grad.abs().sum() > 0 for p in st.parameters())
 
@@ -254,7 +255,7 @@ def test_config_toml_round_trips(tmp_path):
     cfg = load_config("tiny", val_questions=["Who wrote 'X, Y'?", 'A "quoted" one\\ ok'], lr_generator=1e-5,
                       qa_extra=["/a b/c.tsv"])
     path = tmp_path / "c.toml"
-    path.write_text(train.config_toml(cfg))
+    path.write_text(launch.config_toml(cfg))
     assert load_config(str(path)) == cfg
 
 
@@ -264,28 +265,28 @@ def test_qa_extra_adds_only_its_train_split(stages, tmp_path):
     titles = ["Normans", "Geology", "Super_Bowl_50", "Oxygen", "Paris"]  # train, test, validation, ...
     extra = tmp_path / "extra.jsonl"
     extra.write_text("".join(json.dumps({"question": f"About {t}?", "answer": t, "title": t}) + "\n" for t in titles))
-    base = len(train.load_train_items(load_config("tiny", out_root=stages.out_root, max_train_qa=0)))
-    items = train.load_train_items(load_config("tiny", out_root=stages.out_root, max_train_qa=0, qa_extra=[str(extra)]))
+    base = len(train_data.load_train_items(load_config("tiny", out_root=stages.out_root, max_train_qa=0)))
+    items = train_data.load_train_items(load_config("tiny", out_root=stages.out_root, max_train_qa=0, qa_extra=[str(extra)]))
     added = [it["question"] for it in items[base:]]
     assert added == [f"About {t}?" for t in titles if split_of(t) == "train"] and "About Geology?" not in added
-    capped = train.load_train_items(load_config("tiny", out_root=stages.out_root, max_train_qa=10))
+    capped = train_data.load_train_items(load_config("tiny", out_root=stages.out_root, max_train_qa=10))
     assert len(capped) == 10
 
 
 def test_max_train_descriptions_keeps_every_factoid(stages):
     cfg = load_config("tiny", out_root=stages.out_root, max_train_qa=0)
-    every = train.load_train_items(cfg)
+    every = train_data.load_train_items(cfg)
     n_desc = sum(it["qtype"] == "description" for it in every)
     assert 5 < n_desc < len(every), "the tiny train split should mix descriptions and factoids"
     cfg.max_train_descriptions = 5
-    fewer = train.load_train_items(cfg)
+    fewer = train_data.load_train_items(cfg)
     assert sum(it["qtype"] == "description" for it in fewer) == 5
     assert [it for it in fewer if it["qtype"] != "description"] == [it for it in every if it["qtype"] != "description"]
 
 
 def test_mlflow_is_optional(tmp_path, capsys):
     cfg = load_config("tiny", mlflow=True, mlflow_uri=str(tmp_path / "mlruns"))
-    log = train.MetricsLog(tmp_path / "metrics.jsonl", cfg)
+    log = train_eval.MetricsLog(tmp_path / "metrics.jsonl", cfg)
     log.log({"step": 0, "val_recall@5": 0.5})
     log.close()
     row = json.loads((tmp_path / "metrics.jsonl").read_text())
@@ -339,25 +340,25 @@ def test_full_cycle_in_one_process(single_run):
     AutoModelForCausalLM.from_pretrained(run_dir / "final" / "generator")
     st = SentenceTransformer(str(run_dir / "final" / "retriever"), device="cpu")
     index = faiss.read_index(str(run_dir / "final" / "index" / "index.faiss"))
-    assert index.ntotal == len((run_dir / "passages.jsonl").read_text().splitlines())
+    assert index.ntotal == len(RunPaths(run_dir).passages.read_text().splitlines())
     manifest = json.loads((run_dir / "final" / "index" / "manifest.json").read_text())
     assert manifest["version"] == 1 and manifest["retriever"] == str((run_dir / "final" / "retriever").resolve())
     # the refreshed index holds the trained retriever's passage vectors
     from cozyrag_lib.index import PassageIndex, passage_texts
 
-    pidx = PassageIndex.load(run_dir / "final" / "index", run_dir / "passages.jsonl", retriever=str(run_dir / "final" / "retriever"))
+    pidx = PassageIndex.load(run_dir / "final" / "index", RunPaths(run_dir).passages, retriever=str(run_dir / "final" / "retriever"))
     np.testing.assert_allclose(st.encode(passage_texts(pidx.passages[:3]), normalize_embeddings=True),
                                pidx.embeddings[:3], atol=1e-4)
-    assert json.loads((run_dir / "train.config.json").read_text())["run_name"] == "one"
+    assert json.loads((run_dir / "train" / "config.json").read_text())["run_name"] == "one"
     # validation answers after each generator phase; the checkpoint loads without pickled code
-    answers = [json.loads(line) for line in (run_dir / "val_answers.jsonl").read_text().splitlines()]
+    answers = [json.loads(line) for line in RunPaths(run_dir).val_answers.read_text().splitlines()]
     assert [a["step"] for a in answers] == [3, 3, 9, 9] and all(set(a) >= {"question", "answer", "context"} for a in answers)
-    state = torch.load(run_dir / "checkpoints" / "last" / "state.pt", weights_only=True)
+    state = torch.load(RunPaths(run_dir).checkpoint / "state.pt", weights_only=True)
     assert state["phase_index"] == 3 and state["step"] == 9 and len(state["rng"]) == 1
     # the notebook's helpers
-    fig = train.plot_metrics(run_dir)
+    fig = report.plot_metrics(run_dir)
     assert (run_dir / "plots" / "training.png").stat().st_size > 1000 and len(fig.axes) == 4
-    assert "| What is anarchism? |" in train.val_answers_markdown(run_dir)
+    assert "| What is anarchism? |" in report.val_answers_table(run_dir)
 
 
 @pytest.mark.slow
@@ -371,7 +372,7 @@ def test_two_torchrun_processes_follow_the_one_process_curve(stages, single_run)
         tol = 0.02 if a["phase"] == "generator" else 0.25
         assert b["loss"] == pytest.approx(a["loss"], rel=tol), (a, b)
     assert read_metrics(run_dir)[0]["val_loss"] == pytest.approx(read_metrics(single_run)[0]["val_loss"], rel=1e-3)
-    state = torch.load(run_dir / "checkpoints" / "last" / "state.pt", weights_only=True)
+    state = torch.load(RunPaths(run_dir).checkpoint / "state.pt", weights_only=True)
     assert len(state["rng"]) == 2  # every rank's random state
     gen_sums, ret_sums = zip(*state["weight_checksums"])  # DDP kept both ranks' replicas identical
     assert gen_sums[0] == gen_sums[1] and ret_sums[0] == ret_sums[1]
@@ -386,7 +387,7 @@ def test_resume_after_sigkill_ends_with_the_uninterrupted_weights(stages, single
 
     name = "killed"
     run_dir = new_run(stages, name)
-    state_file = run_dir / "checkpoints" / "last" / "state.pt"
+    state_file = RunPaths(run_dir).checkpoint / "state.pt"
     proc = subprocess.Popen(train_cmd(stages, name, "--batch_size=4"), cwd=ROOT, env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -397,7 +398,7 @@ def test_resume_after_sigkill_ends_with_the_uninterrupted_weights(stages, single
         os.kill(proc.pid, signal.SIGKILL)
     finally:
         proc.wait()
-    killed_at = torch.load(train.find_checkpoint(run_dir) / "state.pt", weights_only=True)["step"]
+    killed_at = torch.load(checkpoint.find_checkpoint(RunPaths(run_dir)) / "state.pt", weights_only=True)["step"]
     assert 0 < killed_at < 9
     run_training(stages, name, "--batch_size=4", "--resume")
 

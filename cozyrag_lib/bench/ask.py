@@ -17,7 +17,7 @@ from tqdm import tqdm  # text bars: they also stream through papermill, where wi
 from ..config import load_config, parse_cli_overrides
 from ..errors import CozyError
 from ..qa import read_qa
-from ..rag import RAG, TRAINED
+from ..rag import RAG
 from .common import device_name, pop_options, run_with_stages
 
 
@@ -25,7 +25,7 @@ def bench_questions(cfg, n: int) -> list[str]:
     """`n` distinct questions of the run's QA (validation first, then test, then train)."""
     out: dict[str, None] = {}
     for split in ("validation", "test", "train"):
-        path = cfg.run_dir / "qa" / f"{split}.jsonl"
+        path = cfg.paths.qa_split(split)
         for it in read_qa(path) if path.is_file() else []:
             out.setdefault(it["question"], None)
             if len(out) == n:
@@ -44,12 +44,12 @@ def bench_ask(args: list[str]) -> dict[str, Any]:
         raise CozyError("bench ask: --questions must be at least 1")
     preset, overrides = parse_cli_overrides(rest)
     cfg = run_with_stages(load_config(preset or "demo", overrides))
-    trained = (cfg.run_dir / TRAINED / "generator" / "config.json").is_file()
+    trained = (cfg.paths.final_generator / "config.json").is_file()
     spec = ("" if trained else "base:") + str(cfg.run_dir)
     rag = RAG.load(spec, **{k: v for k, v in overrides.items() if k not in ("out_root", "run_name")})
     questions = bench_questions(cfg, opts["warmup"] + opts["questions"])
     if len(questions) <= opts["warmup"]:
-        raise CozyError(f"bench ask: {cfg.run_dir / 'qa'} has {len(questions)} questions, need more than "
+        raise CozyError(f"bench ask: {cfg.paths.qa} has {len(questions)} questions, need more than "
                         f"--warmup={opts['warmup']}")
     weight = next(rag.generator.parameters())
     for q in questions[:opts["warmup"]]:  # thread pools, allocator, kernel choice

@@ -185,8 +185,8 @@ def recall_at(found: np.ndarray, exact: np.ndarray) -> float:
 
 
 def has_stages(cfg) -> bool:
-    rd = cfg.run_dir
-    return all(p.is_file() for p in (rd / "qa" / "train.jsonl", rd / "passages.jsonl", rd / "index" / "manifest.json"))
+    p = cfg.paths
+    return all(f.is_file() for f in (p.qa_split("train"), p.passages, p.index / "manifest.json"))
 
 
 def run_with_stages(cfg, fallback_articles: int = 0):
@@ -204,11 +204,11 @@ def run_with_stages(cfg, fallback_articles: int = 0):
         if has_stages(cfg):
             return cfg
     print(f"bench: building stages 1-3 in {cfg.run_dir}", file=sys.stderr, flush=True)
-    rd = cfg.run_dir
-    if not (rd / "qa" / "train.jsonl").is_file():
+    p = cfg.paths
+    if not p.qa_split("train").is_file():
         prepare_qa(cfg)
-    if not (rd / "passages.jsonl").is_file():
+    if not p.passages.is_file():
         chunk_corpus(cfg)
-    if not (rd / "index" / "manifest.json").is_file():
+    if not (p.index / "manifest.json").is_file():
         build_index(cfg)
     return cfg

@@ -27,7 +27,7 @@ Embed = Callable[[list[str]], np.ndarray]
 
 def bench_passages(cfg, max_passages: int = 0) -> tuple[list[dict], str]:
     """Passages to benchmark on and where they came from: the run's passages.jsonl, chunked now if missing."""
-    path = cfg.run_dir / "passages.jsonl"
+    path = cfg.paths.passages
     source = str(path)
     if not (path.is_file() and path.stat().st_size):
         chunk_corpus(cfg)

@@ -113,7 +113,7 @@ def bench_scale(args: list[str]) -> dict[str, Any]:
     cfg = bench_config(rest)
     nprobes = [int(v) for v in opts["nprobes"].split(",") if v]
     k_factors = [int(v) for v in opts["k_factors"].split(",") if v]
-    emb_path = cfg.run_dir / "index" / "embeddings.npy"
+    emb_path = cfg.paths.index / "embeddings.npy"
     base = np.load(emb_path) if emb_path.is_file() else None
     n, k = opts["n"], opts["k"]
     if n < 1 or opts["queries"] < 1 or k < 1:

@@ -28,11 +28,11 @@ from .. import distributed
 from ..config import coerce, parse_cli_overrides, read_preset
 from ..errors import CozyError
 from ..index import PassageIndex
-from ..losses import GeneratorLoss, stopword_token_ids
 from ..models import TINY_GENERATOR, load_generator, load_retriever, resolve_generator_path
-from ..retrieval import SentenceCache
-from ..train import (AnswerLM, PhaseBatches, Run, adamw, generator_loss, get_batch, load_train_items, new_state,
-                     prepare_phase)
+from ..train_setup import make_run
+from ..train_data import PhaseBatches, load_train_items, prepare_phase
+from ..train_state import Run, TrainState
+from ..train_steps import generator_loss, get_batch
 from .common import (Stopwatch, bench_config, clip_and_step, device_name, flop_shape, matmul_peak, pop_options,
                      run_with_stages, training_flops)
 from .per_sample import PerSampleStep
@@ -123,18 +123,13 @@ def train_config(rest: list[str]):
 def setup_styles(cfg, device, items: list[dict], steps: int, opts: dict) -> tuple[Run, PerSampleStep | None]:
     """Our training `Run` of a generator phase of `steps` steps, and (style both) the per-sample step on a
     copy of the same initial weights, sharing the retriever and passage index."""
-    rd = cfg.run_dir
-    pindex = PassageIndex.load(rd / "index", rd / "passages.jsonl", retriever=cfg.retriever)
+    pindex = PassageIndex.load(cfg.paths.index, cfg.paths.passages, retriever=cfg.retriever)
     retriever = load_retriever(cfg.retriever, str(device), cfg.trust_remote_code)
     lm, tok = bench_generator(opts["generator"], cfg)
     lm.to(device).train()
     other = copy.deepcopy(lm) if opts["style"] == "both" else None  # the same initial weights
-    run = Run(cfg=cfg, device=device, generator=lm, tokenizer=tok, retriever=retriever, passage_encoder=retriever,
-              gen_model=AnswerLM(lm), ret_model=None,
-              opt_generator=adamw(lm, cfg.lr_generator, cfg.weight_decay, device, bool(opts["fused_adamw"])),
-              opt_retriever=None, loss_fn=GeneratorLoss.from_config(cfg, keyword_ignore_ids=stopword_token_ids(tok)),
-              pindex=pindex, items=items, gold=[], val_items=[], plan=[("generator", steps)], state=new_state(0))
-    run.sentence_cache = SentenceCache(retriever, cfg.embed_batch_size)
+    run = make_run(cfg, device, lm, tok, retriever, pindex, items, [("generator", steps)], TrainState(),
+                   fused_adamw=bool(opts["fused_adamw"]))
     retriever.eval()  # as in a generator phase
     per_sample = PerSampleStep(cfg, other, tok, retriever, pindex, run.autocast) if other is not None else None
     return run, per_sample

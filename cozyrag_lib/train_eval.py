@@ -1,0 +1,186 @@
+"""Evaluation during training, the index refresh after a retriever phase, and the metrics log.
+
+Evaluation (step 0, every `eval_every` steps, each phase end) on `max_val_qa` validation questions:
+    val_loss             the generator's answer NLL (mean per answer token, EOS included) given the
+                         contexts the current retriever and index build (no penalties)
+    val_recall@5         share of questions with their gold evidence in a top-5 passage: a passage that
+                         holds a gold answer for extractive items (the answer occurs in the item's own
+                         context, as in SQuAD), a passage from the item's article for the others (the
+                         built-in QA's answers are article descriptions that rarely occur verbatim)
+    val_recall@1         the same with the top passage only
+    val_answer_recall@5  share with a gold answer in a top-5 passage (SQuAD normalisation: lower-case,
+                         no punctuation, no articles, single spaces), whatever the item's kind
+    val_title_recall@5   among questions that name their article (`title`), share with a top-5 passage
+                         from that article
+    val_context_has_answer  among extractive questions, share whose built context still holds a gold answer
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm  # text bars: they also stream through papermill, where widget bars stay invisible
+
+from . import distributed
+from .config import Config
+from .generate import generate_answers
+from .index import embed_corpus, make_faiss_index, passage_texts
+from .jsonio import truncate_jsonl
+from .metrics import answer_in_text, answer_recall_at_k, evidence_recall_at_k, is_extractive, title_recall_at_k
+from .models import eval_mode
+from .retrieval import CHAT, build_contexts, collate, encode_example, format_prompt, retrieve, to_device
+from .train_data import contexts_for, sentence_cache, sharded
+from .train_state import Run
+from .train_steps import AnswerLM
+
+# ----------------------------------------------------------------------------------------------
+# validation, answers to cfg.val_questions, index refresh
+
+
+@torch.no_grad()
+def estimate_loss(run: Run) -> dict:
+    """val_loss and recall@5 on the validation questions (sharded over ranks; see the module docstring)."""
+    cfg, items, passages = run.cfg, run.val_items, run.pindex.passages
+    if not items:
+        return {}
+    key = run.versions
+    if key not in run.val_cache:  # retrieval depends only on the retriever and the index: cached per version
+        def work(share: range) -> dict:
+            mine = items[share.start:share.stop]
+            with run.autocast():
+                _, _, ids = retrieve(run.retriever, run.pindex, [it["question"] for it in mine], max(5, cfg.top_k),
+                                     cfg.embed_batch_size)
+            out = {}
+            for it, row in zip(mine, ids):
+                top = [passages[j] for j in row[:5] if j >= 0]
+                texts, titles = [p["text"] for p in top], [p["title"] for p in top]
+                out[it["id"]] = (evidence_recall_at_k(it, top, 5), evidence_recall_at_k(it, top, 1),
+                                 answer_recall_at_k(it["answers"], texts, 5),
+                                 title_recall_at_k(it["title"], titles, 5) if it.get("title") else None)
+            return out
+
+        run.val_cache = {key: sharded(work, len(items))}
+    hits = run.val_cache[key]
+    contexts = contexts_for(run, items, cfg.train_max_sentences)
+    extractive = [it for it in items if is_extractive(it)]
+    in_context = [answer_in_text(it["answers"], contexts[it["id"]]) for it in extractive]  # survived the cuts?
+    share = distributed.shard(len(items))
+    nll, n_tok = 0.0, 0
+    tok = run.tokenizer
+    for s in range(share.start, share.stop, cfg.batch_size):
+        chunk = items[s:min(s + cfg.batch_size, share.stop)]
+        batch = to_device(collate([encode_example(tok, it["question"], contexts[it["id"]], it["answers"][0],
+                                                  cfg.prompt_template, cfg.max_length) for it in chunk],
+                                  tok.pad_token_id, tok.eos_token_id), run.device)
+        with eval_mode(run.generator), run.autocast():
+            logits = AnswerLM(run.generator)(batch["input_ids"], batch["attention_mask"], batch["positions"])
+        m = batch["answer_mask"]
+        nll += F.cross_entropy(logits.float()[m], batch["answer_ids"][m], reduction="sum").item()
+        n_tok += int(m.sum())
+    nll, n_tok = map(sum, zip(*distributed.all_gather_object((nll, n_tok))))
+    n = len(hits)
+    titled = [h[3] for h in hits.values() if h[3] is not None]
+    return {"val_loss": nll / max(1, n_tok),
+            "val_recall@5": sum(h[0] for h in hits.values()) / n,
+            "val_recall@1": sum(h[1] for h in hits.values()) / n,
+            "val_answer_recall@5": sum(h[2] for h in hits.values()) / n,
+            "val_title_recall@5": sum(titled) / len(titled) if titled else None,
+            "val_context_has_answer": sum(in_context) / len(in_context) if in_context else None}
+
+
+def answer_val_questions(run: Run) -> list[dict]:
+    """Rank 0 answers cfg.val_questions with retrieval; rows for val_answers.jsonl."""
+    cfg = run.cfg
+    if not cfg.val_questions or not distributed.is_main_process():
+        return []
+    with run.autocast():
+        q_emb, _, ids = retrieve(run.retriever, run.pindex, cfg.val_questions, cfg.top_k, cfg.embed_batch_size)
+        contexts = build_contexts(q_emb, ids, run.pindex.passages, sentence_cache(run), run.tokenizer,
+                                  cfg.answer_max_sentences, cfg.context_tokens)
+        prompts = [format_prompt(run.tokenizer, q, c, cfg.prompt_template) for q, c in zip(cfg.val_questions, contexts)]
+        answers = generate_answers(run.generator, run.tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size,
+                                   cfg.do_sample, cfg.temperature, cfg.sample_top_k, cfg.top_p,
+                                   add_special_tokens=cfg.prompt_template != CHAT)
+    st = run.state
+    return [{"phase": run.phase, "phase_index": st.phase_index, "step": st.step,
+             "question": q, "answer": a, "context": c} for q, a, c in zip(cfg.val_questions, answers, contexts)]
+
+
+def refresh_index(run: Run) -> None:
+    """Re-embed the corpus with the new retriever (each rank its share) and rebuild the FAISS index."""
+    cfg = run.cfg
+    with run.autocast():
+        emb = embed_corpus(run.retriever, passage_texts(run.pindex.passages), cfg.embed_batch_size)  # (N, d) all ranks
+    run.pindex.index = make_faiss_index(emb, cfg.index_factory, cfg.nprobe, cfg.ef_search)
+    run.pindex.embeddings = emb
+    run.state.index_version += 1
+
+
+# ----------------------------------------------------------------------------------------------
+# the metrics log
+
+
+def log_eval(run: Run) -> None:
+    """Evaluate and log one row (also printed on rank 0)."""
+    st = run.state
+    row = {"step": st.step, "phase": run.phase, "phase_index": st.phase_index, **estimate_loss(run),
+           "retriever_version": st.ret_step, "index_version": st.index_version}
+    run.log.log(row)
+    if distributed.is_main_process() and "val_loss" in row:
+        tqdm.write(f"step {row['step']}: val_loss {row['val_loss']:.4f}, val_recall@5 {row['val_recall@5']:.3f}")
+
+
+class MetricsLog:
+    """Rows appended to a JSONL file (rank 0, flushed each row), mirrored to MLflow when asked and installed."""
+
+    def __init__(self, path: Path, cfg: Config, keep_lines: int | None = None):
+        self.path, self.mlflow, self.lines = path, None, 0
+        if not distributed.is_main_process():
+            return
+        self.lines = truncate_jsonl(path, keep_lines)
+        self.file = open(path, "a", encoding="utf-8")
+        if cfg.mlflow:
+            try:
+                import mlflow
+            except ImportError:
+                print("warning: mlflow=true but MLflow is not installed (pip install mlflow); logging to "
+                      f"{path} only", file=sys.stderr)
+            else:
+                mlflow.set_tracking_uri(cfg.mlflow_uri)
+                mlflow.set_experiment("cozyrag")
+                mlflow.start_run(run_name=cfg.run_name)
+                mlflow.log_params({k: str(v)[:500] for k, v in cfg.to_dict().items()})
+                self.mlflow = mlflow
+
+    def log(self, row: dict) -> None:
+        if not distributed.is_main_process():
+            return
+        row = {**row, "time": round(time.time(), 1)}  # wall clock: elapsed times survive a resume
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        self.lines += 1
+        if self.mlflow:
+            self.mlflow.log_metrics({k.replace("@", "_at_"): v for k, v in row.items()
+                                     if isinstance(v, (int, float)) and k not in ("step", "time")}, step=row["step"])
+
+    def close(self) -> None:
+        if distributed.is_main_process():
+            self.file.close()
+            if self.mlflow:
+                self.mlflow.end_run()
+
+
+def reduce_mean(parts: dict[str, torch.Tensor | float]) -> dict[str, float]:
+    """Mean of each scalar over ranks (one all-reduce)."""
+    keys = sorted(parts)
+    t = torch.tensor([float(parts[k]) for k in keys], dtype=torch.float64)
+    if distributed.is_distributed():
+        if torch.distributed.get_backend() == "nccl":
+            t = t.cuda()
+        torch.distributed.all_reduce(t)
+        t = t.cpu() / distributed.get_world_size()
+    return dict(zip(keys, t.tolist()))
