@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cozyrag_lib import bench
-from cozyrag_lib.bench.common import flop_shape, matmul_peak, pop_options, recall_at, training_flops
+from cozyrag_lib.bench.common import flop_shape, matmul_peak, recall_at, training_flops
 from cozyrag_lib.bench.per_sample import PerSampleStep
 from cozyrag_lib.bench.scale import scale_vectors
 from cozyrag_lib.bench.train import original_settings
@@ -54,16 +54,6 @@ def test_flop_shape_leaves_out_embeddings_and_head(tiny_generator):
 
 def test_matmul_peak_is_a_rate():
     assert positive(matmul_peak(torch.device("cpu"), torch.float32, n=128, repeats=2))
-
-
-def test_pop_options_types_and_errors():
-    opts, rest = pop_options(["--steps=3", "--noise=0.5", "--style=ours", "--top_k=2"],
-                             {"steps": 20, "noise": 1.0, "style": "both"})
-    assert opts == {"steps": 3, "noise": 0.5, "style": "ours"} and rest == ["--top_k=2"]
-    with pytest.raises(CozyError, match="--steps='x' is not an integer"):
-        pop_options(["--steps=x"], {"steps": 20})
-    with pytest.raises(CozyError, match="must not be negative"):
-        pop_options(["--noise=-1"], {"noise": 1.0})
 
 
 def test_original_settings_come_from_the_original_preset():

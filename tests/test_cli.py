@@ -12,6 +12,7 @@ import nbformat
 import pytest
 
 from conftest import ROOT, run_cli
+from cozyrag_lib import CozyError
 
 
 def main_result(capsys, *args: str) -> SimpleNamespace:
@@ -196,40 +197,18 @@ def test_help_of_bench_lists_every_benchmarks_options(capsys):
             assert f"--{option}" in out, (name, option)
 
 
-@pytest.mark.parametrize("name", ["index", "train", "ask", "scale"])
-def test_bench_options_in_the_table_are_the_benchmarks_own(name, monkeypatch):
-    """The table's defaults (shown by --help) are the ones each benchmark applies (`pop_options` in its module)."""
-    import importlib
-
-    from cozyrag_lib.bench import BENCHMARKS
-    from cozyrag_lib.cli import COMMANDS
-
-    module = importlib.import_module(f"cozyrag_lib.bench.{name}")
-    seen = {}
-
-    class Stop(Exception):
-        pass
-
-    def recording(args, defaults):
-        seen.update(defaults)
-        raise Stop  # before any work
-
-    for attr in ("pop_options", "pop_int_options"):
-        monkeypatch.setattr(module, attr, recording, raising=False)
-    with pytest.raises(Stop):
-        BENCHMARKS[name]([])
-    table = {k: default for k, (_, default, _) in COMMANDS[f"bench {name}"][1].items() if k != "threads"}
-    assert table == seen
-
-
-def test_bench_gets_the_canonical_command_line(monkeypatch, capsys):
+def test_bench_gets_the_parsed_command_line(monkeypatch, capsys):
     from cozyrag_lib import bench
 
     got = []
-    monkeypatch.setitem(bench.BENCHMARKS, "scale", lambda args: got.append(args) or {"benchmark": "scale"})
+    monkeypatch.setitem(bench.BENCHMARKS, "scale", lambda parsed: got.append(parsed) or {"benchmark": "scale"})
     assert bench.cli(["scale", "--preset", "tiny", "--n", "64", "--threads=1", "--nprobe", "4", "--noise=0.5"]) == 0
-    assert got == [["--preset=tiny", "--nprobe=4", "--n=64", "--noise=0.5"]]
+    (parsed,) = got
+    assert parsed.options["n"] == 64 and parsed.options["noise"] == 0.5 and parsed.options["k"] == 10  # typed, defaults
+    assert parsed.config().nprobe == 4 and parsed.config().run_name == "tiny"  # the config keys
     assert json.loads(capsys.readouterr().out)["threads"] == 1
+    with pytest.raises(CozyError, match="bench scale: --noise must not be negative, got -1.0"):
+        bench.cli(["scale", "--preset=tiny", "--noise=-1"])
 
 
 def test_parse_command_forms():

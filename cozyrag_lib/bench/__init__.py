@@ -13,9 +13,9 @@ Every benchmark takes `--threads=N` (torch and FAISS threads; 0 = their default)
 1-minute load average: on a machine other jobs share, waiting threads slow every parallel operation.
 Each lives in its own module (`index.py`, `train.py`, `ask.py`, `scale.py`, whose docstrings say what it
 measures), what they share in `common.py`. Their options are declared as `bench NAME` in the command
-table of `cozyrag_lib/cli.py` (`bench NAME --help` lists them), which checks the command line before a
-benchmark gets it in the canonical `--key=value` form. A new benchmark is a function `(args) -> dict`
-added to `BENCHMARKS` and its entry in that table.
+table of `cozyrag_lib/cli.py` (`bench NAME --help` lists them), which checks and types the command line before a
+benchmark gets it as a `cli.Parsed` (`.options`, `.config()`). A new benchmark is a function
+`(parsed) -> dict` added to `BENCHMARKS` and its entry in that table.
 """
 from __future__ import annotations
 
@@ -26,15 +26,15 @@ from typing import Any, Callable
 
 import torch
 
-from ..cli import COMMANDS, help_text, parse_command
+from ..cli import COMMANDS, Parsed, help_text, parse_command
 from ..errors import CozyError
 from .ask import bench_ask
 from .index import bench_index
 from .scale import bench_scale
 from .train import bench_train
 
-# name -> function taking the arguments after the name and returning one JSON-able result
-BENCHMARKS: dict[str, Callable[[list[str]], dict[str, Any]]] = {
+# name -> function taking the parsed command line (`cli.Parsed`: .options, .config()) and returning one JSON-able result
+BENCHMARKS: dict[str, Callable[[Parsed], dict[str, Any]]] = {
     "index": bench_index,
     "train": bench_train,
     "ask": bench_ask,
@@ -56,9 +56,10 @@ def cli(argv: list[str]) -> int:
     if name not in BENCHMARKS or f"bench {name}" not in COMMANDS:
         raise CozyError(f"bench: unknown benchmark '{name}' (known: {', '.join(BENCHMARKS)})")
     parsed = parse_command(f"bench {name}", rest)
+    for key, value in parsed.options.items():  # counts, sizes, noise: none of them may be negative
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
+            raise CozyError(f"bench {name}: --{key} must not be negative, got {value}")
     threads = parsed.options["threads"]
-    if threads < 0:
-        raise CozyError(f"bench: --threads must not be negative, got {threads}")
     import faiss
 
     before = torch.get_num_threads(), faiss.omp_get_max_threads()
@@ -66,7 +67,7 @@ def cli(argv: list[str]) -> int:
         torch.set_num_threads(threads)
         faiss.omp_set_num_threads(threads)
     try:
-        result = BENCHMARKS[name](parsed.as_argv(skip=["threads"]))
+        result = BENCHMARKS[name](parsed)
         result.update(threads=torch.get_num_threads(), load_avg_1m=round(os.getloadavg()[0], 2))  # what else ran
     finally:  # in-process callers (tests, notebooks) keep their own settings
         torch.set_num_threads(before[0])

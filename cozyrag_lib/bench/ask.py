@@ -14,11 +14,10 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm  # text bars: they also stream through papermill, where widget bars stay invisible
 
-from ..config import load_config, parse_cli_overrides
 from ..errors import CozyError
 from ..qa import read_qa
 from ..rag import RAG
-from .common import device_name, pop_options, run_with_stages
+from .common import device_name, run_with_stages
 
 
 def bench_questions(cfg, n: int) -> list[str]:
@@ -33,17 +32,16 @@ def bench_questions(cfg, n: int) -> list[str]:
     return list(out)
 
 
-def bench_ask(args: list[str]) -> dict[str, Any]:
+def bench_ask(parsed) -> dict[str, Any]:
     """p50 / p95 latency of `RAG.answer` on single questions, with the retrieve / context / generate split.
 
     The run's trained models when `final/` holds them, else its base models (`base:RUN`); stages 1-3
     are built first when the run lacks them.
     """
-    opts, rest = pop_options(args, {"questions": 50, "warmup": 2})
+    opts, overrides = parsed.options, parsed.overrides
     if opts["questions"] < 1:
         raise CozyError("bench ask: --questions must be at least 1")
-    preset, overrides = parse_cli_overrides(rest)
-    cfg = run_with_stages(load_config(preset or "demo", overrides))
+    cfg = run_with_stages(parsed.config())
     trained = (cfg.paths.final_generator / "config.json").is_file()
     spec = ("" if trained else "base:") + str(cfg.run_dir)
     rag = RAG.load(spec, **{k: v for k, v in overrides.items() if k not in ("out_root", "run_name")})

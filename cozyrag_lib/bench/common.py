@@ -9,63 +9,17 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from ..chunking import chunk_corpus
-from ..config import load_config, parse_cli_overrides
-from ..errors import CozyError
 from ..index import build_index
 from ..qa import prepare_qa
 
 # ----------------------------------------------------------------------------------------------
 # options and config
-
-
-def pop_options(args: list[str], defaults: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
-    """Take the benchmark's own `--name=value` options out of `args` (typed like their defaults); the rest
-    are config overrides.
-
-    >>> pop_options(["--steps=3", "--style=ours", "--top_k=3"], {"steps": 20, "style": "both"})
-    ({'steps': 3, 'style': 'ours'}, ['--top_k=3'])
-    """
-    opts, rest = dict(defaults), []
-    for a in args:
-        key, _, value = a[2:].partition("=") if a.startswith("--") else ("", "", "")
-        key = key.replace("-", "_")
-        if key not in defaults:
-            rest.append(a)
-            continue
-        kind = type(defaults[key])
-        if kind is str:
-            opts[key] = value
-            continue
-        try:
-            opts[key] = kind(value)
-        except ValueError:
-            name = {int: "an integer", float: "a number"}.get(kind, kind.__name__)
-            raise CozyError(f"bench: --{key}={value!r} is not {name}") from None
-        if opts[key] < 0:
-            raise CozyError(f"bench: --{key} must not be negative, got {opts[key]}")
-    return opts, rest
-
-
-def pop_int_options(args: list[str], defaults: dict[str, int]) -> tuple[dict[str, int], list[str]]:
-    """`pop_options` for integer options.
-
-    >>> pop_int_options(["--max_passages=10", "--top_k=3"], {"max_passages": 0})
-    ({'max_passages': 10}, ['--top_k=3'])
-    """
-    return pop_options(args, defaults)
-
-
-def bench_config(args: list[str]):
-    """The Config of `--preset=NAME --key=value ...` (preset demo unless given)."""
-    preset, overrides = parse_cli_overrides(args)
-    return load_config(preset or "demo", overrides)
 
 
 def device_name(device) -> str:

@@ -20,7 +20,7 @@ from ..chunking import chunk_corpus, read_passages
 from ..errors import CozyError
 from ..index import embed_texts, make_faiss_index, passage_texts
 from ..models import autocast, load_retriever, use_bf16
-from .common import Stopwatch, bench_config, device_name, pop_int_options, recall_at
+from .common import Stopwatch, device_name, recall_at
 
 Embed = Callable[[list[str]], np.ndarray]
 
@@ -92,12 +92,11 @@ def faiss_builds(embeddings: np.ndarray, cfg) -> tuple[dict[str, float], dict[st
     return build_s, recall
 
 
-def bench_index(args: list[str]) -> dict[str, Any]:
+def bench_index(parsed) -> dict[str, Any]:
     """Embedding throughput (ours vs raw encode) and FAISS build times on the run's passages."""
     import faiss
 
-    opts, rest = pop_int_options(args, {"max_passages": 0})
-    cfg = bench_config(rest)
+    opts, cfg = parsed.options, parsed.config()
     device = distributed.setup(cfg.device)
     passages, source = bench_passages(cfg, opts["max_passages"])
     if not passages:

@@ -17,7 +17,7 @@ import numpy as np
 
 from ..errors import CozyError
 from ..index import new_faiss_index, set_search_params
-from .common import bench_config, pop_options, recall_at
+from .common import recall_at
 
 
 def scale_vectors(base: np.ndarray | None, n: int, noise: float, seed: int, dim: int = 384) -> np.ndarray:
@@ -93,7 +93,7 @@ def search_rows(index, refine, queries: np.ndarray, exact: np.ndarray, k: int, n
     return rows
 
 
-def bench_scale(args: list[str]) -> dict[str, Any]:
+def bench_scale(parsed) -> dict[str, Any]:
     """Build `--factory` over `--n` vectors; memory, recall@10 against exact (Flat) search, ms/query per nprobe.
 
     The vectors are the run's passage embeddings (index/embeddings.npy) tiled with Gaussian noise
@@ -107,10 +107,7 @@ def bench_scale(args: list[str]) -> dict[str, Any]:
     import faiss
     import psutil
 
-    opts, rest = pop_options(args, {"n": 1_000_000, "queries": 200, "factory": "",
-                                    "train": 65536, "nprobes": "4,8,16,32,64", "k_factors": "2,4,8",
-                                    "noise": 1.0, "k": 10})
-    cfg = bench_config(rest)
+    opts, cfg = parsed.options, parsed.config()
     nprobes = [int(v) for v in opts["nprobes"].split(",") if v]
     k_factors = [int(v) for v in opts["k_factors"].split(",") if v]
     emb_path = cfg.paths.index / "embeddings.npy"

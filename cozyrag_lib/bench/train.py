@@ -25,16 +25,16 @@ import torch
 from tqdm import tqdm  # text bars: they also stream through papermill, where widget bars stay invisible
 
 from .. import distributed
-from ..config import coerce, parse_cli_overrides, read_preset
+from ..config import coerce, read_preset
 from ..errors import CozyError
 from ..index import PassageIndex
 from ..models import TINY_GENERATOR, load_generator, load_retriever, resolve_generator_path
-from ..train_setup import make_run
 from ..train_data import PhaseBatches, load_train_items, prepare_phase
+from ..train_setup import make_run
 from ..train_state import Run, TrainState
 from ..train_steps import generator_loss, get_batch
-from .common import (Stopwatch, bench_config, clip_and_step, device_name, flop_shape, matmul_peak, pop_options,
-                     run_with_stages, training_flops)
+from .common import (Stopwatch, clip_and_step, device_name, flop_shape, matmul_peak, run_with_stages,
+                     training_flops)
 from .per_sample import PerSampleStep
 
 DISTILGPT2 = "bench:distilgpt2"  # distilgpt2's shape (6 layers, 768 wide, 12 heads, 50,257 tokens), random weights
@@ -109,12 +109,12 @@ def phase_rows(batches: list[list[int]]) -> list[int]:
     return sorted({i for r in batches for i in r})
 
 
-def train_config(rest: list[str]):
+def train_config(parsed):
     """(cfg, device): the run's config with the original's settings where the command line gives none,
     bf16 autocast on GPUs unless `--precision` is given, and stages 1-3 built (or a 500-article stand-in)."""
-    given = parse_cli_overrides(rest)[1]
-    cfg = dataclasses.replace(bench_config(rest), **{k: v for k, v in original_settings().items() if k not in given})
-    if not any(a.startswith("--precision=") for a in rest) and cfg.device != "cpu" and torch.cuda.is_available():
+    given = parsed.overrides
+    cfg = dataclasses.replace(parsed.config(), **{k: v for k, v in original_settings().items() if k not in given})
+    if "precision" not in given and cfg.device != "cpu" and torch.cuda.is_available():
         cfg = dataclasses.replace(cfg, precision="bf16")  # on GPUs bf16 autocast unless asked otherwise
     device = distributed.setup(cfg.device)
     return run_with_stages(cfg, fallback_articles=500), device
@@ -180,16 +180,15 @@ def summary(steps: list[dict], w: Stopwatch, shape: dict[str, int], peak: float,
     return {prefix + k: (round(v, 4) if isinstance(v, float) else v) for k, v in out.items()}
 
 
-def bench_train(args: list[str]) -> dict[str, Any]:
+def bench_train(parsed) -> dict[str, Any]:
     """Generator-phase samples/s, tokens/s and MFU, counting retrieval and context building; and the same
     for the per-sample step (`PerSampleStep`) on the same questions, steps interleaved."""
-    opts, rest = pop_options(args, {"steps": 20, "warmup": 1, "style": "both", "generator": DISTILGPT2,
-                                    "fused_adamw": 1})
+    opts = parsed.options
     if opts["style"] not in ("both", "ours"):
         raise CozyError(f"bench train: --style must be both or ours, got {opts['style']!r}")
     if opts["steps"] < 1:
         raise CozyError("bench train: --steps must be at least 1")
-    cfg, device = train_config(rest)
+    cfg, device = train_config(parsed)
     items = load_train_items(cfg)
     rows = step_rows(items, cfg, opts["warmup"] + opts["steps"])
     warm, timed = rows[:opts["warmup"]], rows[opts["warmup"]:]
