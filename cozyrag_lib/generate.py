@@ -57,12 +57,14 @@ class _StopAtNewline:
 @torch.no_grad()
 def generate_answers(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 48, batch_size: int = 8,
                      do_sample: bool = False, temperature: float = 0.6, top_k: int = 70, top_p: float = 0.95,
-                     add_special_tokens: bool = True) -> list[str]:
+                     add_special_tokens: bool = True, seed: int | None = None) -> list[str]:
     """Answers for `prompts`, generated `batch_size` at a time (greedy unless do_sample), cleaned.
 
     Prompts are left-padded so every row's new tokens start at the same column. A row stops at EOS
     or at a newline; `postprocess_answer` removes what a small model appends anyway.
     Pass add_special_tokens=False for prompts built with a chat template (they hold their own).
+    With do_sample and a `seed`, the call samples from its own random stream seeded with it: the same
+    prompts and seed give the same answers, and the caller's random streams are left as they were.
     """
     from transformers import StoppingCriteriaList
 
@@ -70,8 +72,15 @@ def generate_answers(model, tokenizer, prompts: Sequence[str], max_new_tokens: i
     device = next(model.parameters()).device
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     out: list[str] = []
+    seeded = do_sample and seed is not None
     try:
-        with eval_mode(model):
+        with eval_mode(model), torch.random.fork_rng(devices=[device] if device.type == "cuda" else [],
+                                                     enabled=seeded):
+            if seeded:  # the streams generate() draws from: the CPU's, or the model's GPU's
+                torch.default_generator.manual_seed(seed)
+                if device.type == "cuda":
+                    with torch.cuda.device(device):
+                        torch.cuda.manual_seed(seed)
             for start in range(0, len(prompts), batch_size):
                 chunk = list(prompts[start:start + batch_size])
                 enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens).to(device)

@@ -152,6 +152,22 @@ def ngram_repeat_penalty(logits: Tensor, answer_ids: Tensor, answer_mask: Tensor
     return _neg_log_one_minus(p_repeat[applies]).mean()
 
 
+def keyword_positions(answer_mask: Tensor, question_ids: Tensor, question_mask: Tensor, vocab_size: int,
+                      ignore_ids: Iterable[int] | None = None) -> tuple[Tensor, Tensor]:
+    """(keywords (B, V) bool: row b's question tokens that count as keywords, applies (B, L) bool: the answer
+    positions `keyword_overlap_penalty` averages over, those of rows with at least one keyword)."""
+    B, V, device = len(question_ids), vocab_size, answer_mask.device
+    keywords = torch.zeros(B, V, dtype=torch.bool, device=device)  # (B, V) row b's question tokens
+    ignore = torch.tensor(sorted(set(ignore_ids or ())), dtype=torch.long, device=device)
+    question_ids, question_mask = question_ids.to(device), question_mask.to(device)
+    valid = question_mask & (question_ids >= 0) & (question_ids < V)
+    rows = torch.arange(B, device=device)[:, None].expand_as(question_ids)
+    keywords[rows[valid], question_ids[valid]] = True
+    if len(ignore):
+        keywords[:, ignore[(ignore >= 0) & (ignore < V)]] = False
+    return keywords, answer_mask & keywords.any(1, keepdim=True)  # rows with no keyword have nothing to punish
+
+
 def keyword_overlap_penalty(logits: Tensor, answer_mask: Tensor, question_ids: Tensor, question_mask: Tensor,
                             answer_ids: Tensor | None = None, ignore_ids: Iterable[int] | None = None) -> Tensor:
     """Probability mass an answer spends parroting the question: mean over answer positions of p(question tokens).
@@ -183,15 +199,8 @@ def keyword_overlap_penalty(logits: Tensor, answer_mask: Tensor, question_ids: T
         >>> round(keyword_overlap_penalty(logits, amask, q, qmask, answer_ids=torch.tensor([[3, 0]])).item(), 4)
         0.15
     """
-    B, L, V = logits.shape
-    keywords = torch.zeros(B, V, dtype=torch.bool, device=logits.device)  # (B, V) row b's question tokens
-    ignore = torch.tensor(sorted(set(ignore_ids or ())), dtype=torch.long, device=logits.device)
-    valid = question_mask & (question_ids >= 0) & (question_ids < V)
-    rows = torch.arange(B, device=logits.device)[:, None].expand_as(question_ids)
-    keywords[rows[valid], question_ids[valid]] = True
-    if len(ignore):
-        keywords[:, ignore[(ignore >= 0) & (ignore < V)]] = False
-    applies = answer_mask & keywords.any(1, keepdim=True)  # (B, L): rows with no keyword have nothing to punish
+    V = logits.shape[-1]
+    keywords, applies = keyword_positions(answer_mask, question_ids, question_mask, V, ignore_ids)
     if not applies.any():
         return _zero(logits)
     probs = logits.float().softmax(-1)  # (B, L, V)
@@ -202,6 +211,16 @@ def keyword_overlap_penalty(logits: Tensor, answer_mask: Tensor, question_ids: T
         p_gold = probs.gather(-1, gold.unsqueeze(-1)).squeeze(-1)  # (B, L)
         p_keywords = p_keywords - torch.where(gold_is_keyword, p_gold, torch.zeros_like(p_gold))
     return p_keywords[applies].mean()
+
+
+def short_answer_positions(answer_mask: Tensor, words_before: Tensor, eos_id: int, min_words: int = 4,
+                           answer_ids: Tensor | None = None) -> Tensor:
+    """(B, L) bool: the positions `short_answer_penalty` averages over (fewer than min_words words, gold not EOS)."""
+    if answer_ids is not None:
+        gold_eos = answer_ids == eos_id
+    else:  # the answer layout ends every row with its EOS
+        gold_eos = answer_mask & (answer_mask.long().cumsum(1) == answer_mask.sum(1, keepdim=True))  # last real
+    return answer_mask & (words_before < min_words) & ~gold_eos
 
 
 def short_answer_penalty(logits: Tensor, answer_mask: Tensor, words_before: Tensor, eos_id: int, min_words: int = 4,
@@ -227,11 +246,7 @@ def short_answer_penalty(logits: Tensor, answer_mask: Tensor, words_before: Tens
         >>> round(short_answer_penalty(logits, mask, words, eos_id=0, answer_ids=ids).item(), 4)  # -log(0.75)
         0.2877
     """
-    if answer_ids is not None:
-        gold_eos = answer_ids == eos_id
-    else:  # the answer layout ends every row with its EOS
-        gold_eos = answer_mask & (answer_mask.long().cumsum(1) == answer_mask.sum(1, keepdim=True))  # last real
-    applies = answer_mask & (words_before < min_words) & ~gold_eos  # (B, L)
+    applies = short_answer_positions(answer_mask, words_before, eos_id, min_words, answer_ids)  # (B, L)
     if not applies.any():
         return _zero(logits)
     p_eos = logits.float().log_softmax(-1)[..., eos_id].exp()  # (B, L)
@@ -307,7 +322,26 @@ class GeneratorLoss(nn.Module):
                    keyword_overlap_weight=cfg.keyword_overlap_weight, short_answer_min_words=cfg.short_answer_min_words,
                    short_answer_weight=cfg.short_answer_weight, **kwargs)
 
-    def forward(self, logits: Tensor, batch: dict) -> tuple[Tensor, dict[str, Tensor]]:
+    def positions(self, batch: dict, vocab_size: int) -> dict[str, int]:
+        """How many answer positions each part of `forward` averages over in `batch` (its mean's denominator).
+
+        They depend on the batch alone (no logits), so a training step of several micro-batches (and ranks)
+        can count them before any forward and pass each micro-batch its share as `forward(weights=...)`.
+        """
+        ids, mask = batch["answer_ids"], batch["answer_mask"]
+        prefix = (batch["prefix_ids"], batch.get("prefix_mask")) if self.ngram_include_prefix else (None, None)
+        repeats = repeat_token_index(ids, mask, self.ngram_repeat_n, prefix[0], prefix[1])
+        _, keyword = keyword_positions(mask, batch["question_ids"], batch["question_mask"], vocab_size,
+                                       self.keyword_ignore_ids)
+        return {"lm": int(mask.sum()), "ngram_repeat": len(torch.unique(repeats[:, :2], dim=0)) if len(repeats) else 0,
+                "keyword_overlap": int(keyword.sum()),
+                "short_answer": int(short_answer_positions(mask, batch["words_before"], int(batch["eos_id"]),
+                                                           self.short_answer_min_words, ids).sum())}
+
+    def forward(self, logits: Tensor, batch: dict, weights: dict[str, float] | None = None
+                ) -> tuple[Tensor, dict[str, Tensor]]:
+        """(total, parts); `weights` multiplies each part (default 1): a micro-batch's share of the step's
+        positions of that part (`positions`), so that summed over the step the parts are its means."""
         ids, mask = batch["answer_ids"], batch["answer_mask"]
         prefix = (batch["prefix_ids"], batch.get("prefix_mask")) if self.ngram_include_prefix else (None, None)
         eos_id = int(batch["eos_id"])
@@ -320,6 +354,8 @@ class GeneratorLoss(nn.Module):
             "short_answer": short_answer_penalty(logits, mask, batch["words_before"], eos_id,
                                                  min_words=self.short_answer_min_words, answer_ids=ids),
         }
+        if weights is not None:
+            parts = {k: v * weights[k] for k, v in parts.items()}
         total = (parts["lm"] + self.ngram_repeat_weight * parts["ngram_repeat"]
                  + self.keyword_overlap_weight * parts["keyword_overlap"]
                  + self.short_answer_weight * parts["short_answer"])

@@ -55,7 +55,7 @@ from .train_data import PhaseBatches, get_lr, micro_batches, prepare_phase
 from .train_eval import answer_val_questions, log_eval, reduce_mean, refresh_index
 from .train_setup import setup_run
 from .train_state import Run
-from .train_steps import generator_loss, get_batch, retriever_loss
+from .train_steps import generator_loss, get_batch, retriever_loss, step_weights
 
 # ----------------------------------------------------------------------------------------------
 # the loop
@@ -91,11 +91,11 @@ def train_loop(run: Run) -> dict:
         run.generator.train(gen)
         run.retriever.train(not gen)
         lengths = np.array([len(it["question"]) + len(it["answers"][0]) for it in run.items])
-        batches = PhaseBatches(lengths, cfg.batch_size, world, cfg.seed, pi)
-        sampler = DistributedSampler(batches, num_replicas=world, rank=distributed.get_rank(), shuffle=False)
+        phase_batches = PhaseBatches(lengths, cfg.batch_size, world, cfg.seed, pi, cfg.grad_accum)
+        sampler = DistributedSampler(phase_batches, num_replicas=world, rank=distributed.get_rank(), shuffle=False)
         if run.phase_data is None:  # retrieve for the questions this phase will use
-            run.phase_data = prepare_phase(run, kind, batches.items_used(n_steps * cfg.grad_accum))
-        stream = micro_batches(batches, sampler, st.epoch, st.pos)
+            run.phase_data = prepare_phase(run, kind, phase_batches.items_used(n_steps))
+        stream = micro_batches(phase_batches, sampler, st.epoch, st.pos)
         bar = tqdm(total=n_steps, initial=st.phase_step, desc=f"phase {pi + 1}/{len(run.plan)} {kind}",
                    unit="step", disable=not main, dynamic_ncols=True)
         while st.phase_step < n_steps:
@@ -104,18 +104,27 @@ def train_loop(run: Run) -> dict:
             for group in opt.param_groups:
                 group["lr"] = lr
             sums, n_tokens, n_samples = {}, 0, 0
-            for micro in range(cfg.grad_accum):
-                epoch, pos, rows = next(stream)
-                batch = get_batch(run, kind, rows)
-                last = micro == cfg.grad_accum - 1
+            micro = [next(stream) for _ in range(cfg.grad_accum)]  # (epoch, position, item rows) of each micro-batch
+            epoch, pos = micro[-1][:2]
+            batches = [get_batch(run, kind, rows) for _, _, rows in micro]
+            # generator: each loss part weighted by its share of the step's answer positions, so the step is the
+            # global batch's mean (not a mean of micro-batch means); retriever: micro-batches of equal size, so the
+            # mean of their per-question means (in-batch negatives stay those of each micro-batch)
+            weights = step_weights(run, batches) if gen else [None] * cfg.grad_accum
+            for m, (batch, w) in enumerate(zip(batches, weights)):
+                last = m == cfg.grad_accum - 1
                 sync = contextlib.nullcontext() if last or not distributed.is_distributed() else model.no_sync()
                 with sync:
-                    loss, parts = (generator_loss if gen else retriever_loss)(run, batch)
-                    (loss / cfg.grad_accum).backward()
+                    if gen:
+                        loss, parts = generator_loss(run, batch, w)
+                    else:
+                        loss, parts = retriever_loss(run, batch)
+                        loss, parts = loss / cfg.grad_accum, {k: v / cfg.grad_accum for k, v in parts.items()}
+                    loss.backward()
                 for k, v in parts.items():
-                    sums[k] = sums.get(k, 0.0) + float(v) / cfg.grad_accum
+                    sums[k] = sums.get(k, 0.0) + float(v)
                 n_tokens += batch["n_tokens"] if gen else 0
-                n_samples += len(rows)
+                n_samples += len(micro[m][2])
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             opt.step()

@@ -40,11 +40,13 @@ def load_train_items(cfg: Config) -> list[dict]:
 
 def plan_phases(cfg: Config, n_items: int, world: int) -> list[tuple[str, int]]:
     """[(kind, optimizer steps)] for every phase: epochs_per_phase passes, capped at max_steps_per_phase."""
-    per_epoch = n_items // (cfg.batch_size * world)  # global micro-batches per epoch (a partial one is dropped)
+    per_epoch = n_items // (cfg.batch_size * world * cfg.grad_accum)  # optimizer steps per epoch (a partial one dropped)
     if per_epoch == 0:
+        accum = f" x {cfg.grad_accum} micro-batches" if cfg.grad_accum > 1 else ""
         raise CozyError(f"{n_items} training QA pairs are fewer than one global batch ({cfg.batch_size} x {world} "
-                        "processes); lower batch_size or add QA")
-    steps = max(1, int(cfg.epochs_per_phase * per_epoch) // cfg.grad_accum)
+                        f"processes{accum}); lower batch_size or add QA")
+    steps = max(1, int(cfg.epochs_per_phase * per_epoch))
+
 
     def cap(kind: str) -> int:
         limit = (cfg.retriever_max_steps_per_phase if kind == "retriever" else 0) or cfg.max_steps_per_phase
@@ -56,22 +58,25 @@ def plan_phases(cfg: Config, n_items: int, world: int) -> list[tuple[str, int]]:
 class PhaseBatches(Dataset):
     """Pre-formed, length-bucketed batches of one phase; item i is one rank's slice of a global batch.
 
-    Each epoch the items are shuffled (seeded by seed, phase, epoch), sorted by length inside windows
-    of 32 global batches (little padding), cut into global batches of batch_size * world and the
-    global batches shuffled. Item j * world + r is rank r's share of global batch j, so the
-    DistributedSampler (shuffle=False) hands every rank its slice of the same global batch: a step
-    sees the same questions with 1 process x batch 4 as with 2 processes x batch 2.
+    A global batch is what one optimizer step trains on: batch_size * world * accum items. Each epoch the
+    items are shuffled (seeded by seed, phase, epoch), sorted by length inside windows of 32 global
+    batches (little padding), cut into global batches and the global batches shuffled. Item
+    (j * accum + m) * world + r is rank r's share of micro-batch m of global batch j, so the
+    DistributedSampler (shuffle=False) hands every rank its slices of the same global batch, one
+    micro-batch after the other: a step sees the same questions with 1 process x batch 4 as with
+    2 processes x batch 2, or 1 process x batch 2 x 2 micro-batches (grad_accum).
     """
 
-    def __init__(self, lengths: np.ndarray, batch_size: int, world: int, seed: int, phase_index: int):
-        self.lengths, self.batch_size, self.world = np.asarray(lengths), batch_size, world
+    def __init__(self, lengths: np.ndarray, batch_size: int, world: int, seed: int, phase_index: int,
+                 accum: int = 1):
+        self.lengths, self.batch_size, self.world, self.accum = np.asarray(lengths), batch_size, world, accum
         self.seed, self.phase_index = seed, phase_index
         self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
         rng = np.random.default_rng([self.seed, self.phase_index, epoch])
-        g = self.batch_size * self.world
+        g = self.batch_size * self.world * self.accum
         order = rng.permutation(len(self.lengths))[: len(self.lengths) // g * g]
         window = 32 * g
         for s in range(0, len(order), window):  # similar lengths together, but only locally
@@ -81,16 +86,16 @@ class PhaseBatches(Dataset):
         self.global_batches = batches[rng.permutation(len(batches))].tolist()
 
     def __len__(self) -> int:
-        return len(self.global_batches) * self.world
+        return len(self.global_batches) * self.world * self.accum
 
     def __getitem__(self, i: int) -> list[int]:
-        j, r = divmod(i, self.world)
-        return self.global_batches[j][r * self.batch_size:(r + 1) * self.batch_size]
+        j, k = divmod(i, self.world * self.accum)  # k = micro-batch * world + rank
+        return self.global_batches[j][k * self.batch_size:(k + 1) * self.batch_size]
 
-    def items_used(self, n_micro: int) -> list[int]:
-        """Item indices the first n_micro global batches of the phase touch (all ranks), sorted."""
+    def items_used(self, n_steps: int) -> list[int]:
+        """Item indices the first n_steps global batches of the phase touch (all ranks), sorted."""
         used: set[int] = set()
-        epoch, left = 0, n_micro
+        epoch, left = 0, n_steps
         while left > 0:
             self.set_epoch(epoch)
             for gb in self.global_batches[:left]:

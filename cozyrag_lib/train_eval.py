@@ -104,7 +104,7 @@ def answer_val_questions(run: Run) -> list[dict]:
         prompts = [format_prompt(run.tokenizer, q, c, cfg.prompt_template) for q, c in zip(cfg.val_questions, contexts)]
         answers = generate_answers(run.generator, run.tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size,
                                    cfg.do_sample, cfg.temperature, cfg.sample_top_k, cfg.top_p,
-                                   add_special_tokens=cfg.prompt_template != CHAT)
+                                   add_special_tokens=cfg.prompt_template != CHAT, seed=cfg.seed)
     st = run.state
     return [{"phase": run.phase, "phase_index": st.phase_index, "step": st.step,
              "question": q, "answer": a, "context": c} for q, a, c in zip(cfg.val_questions, answers, contexts)]

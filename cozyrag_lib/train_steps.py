@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from sentence_transformers.util import batch_to_device
 from torch import nn
 
+from . import distributed
 from .errors import CozyError
 from .index import passage_texts
 from .losses import contrastive_retriever_loss, gold_passage_loss, lm_supervised_retriever_loss
@@ -105,11 +106,30 @@ def get_batch(run: Run, kind: str, rows: list[int]) -> dict:
     return batch
 
 
-def generator_loss(run: Run, batch: dict) -> tuple[torch.Tensor, dict]:
+def generator_loss(run: Run, batch: dict, weights: dict[str, float] | None = None) -> tuple[torch.Tensor, dict]:
+    """The micro-batch's loss and its parts; `weights` from `step_weights` (None: this batch is the whole step)."""
     with run.autocast():
         logits = run.gen_model(batch["input_ids"], batch["attention_mask"], batch["positions"])  # (B, L, V)
-    total, parts = run.loss_fn(logits.float(), batch)
+    total, parts = run.loss_fn(logits.float(), batch, weights)
     return total, {"loss": total.detach(), **parts}
+
+
+def step_weights(run: Run, batches: list[dict]) -> list[dict[str, float]]:
+    """For each micro-batch of one generator step, each loss part's weight: its share of that part's positions
+    in the whole step (every micro-batch of every rank), times the world size (DDP averages gradients over ranks).
+
+    Every part is a mean over positions, and a mean of per-micro-batch means weighs a short answer's tokens
+    more than a long one's; with these weights the step's loss and gradient are those of the global batch
+    taken at once, whatever grad_accum and the number of processes. One process, one micro-batch: all 1.0.
+    """
+    vocab = run.generator.get_output_embeddings().weight.shape[0]
+    counts = [run.loss_fn.positions(b, vocab) for b in batches]
+    keys = sorted(counts[0])
+    totals = [sum(c[k] for c in counts) for k in keys]
+    if distributed.is_distributed():
+        totals = [sum(col) for col in zip(*distributed.all_gather_object(totals))]
+    world = distributed.get_world_size()
+    return [{k: c[k] * world / n if n else 0.0 for k, n in zip(keys, totals)} for c in counts]
 
 
 def passage_text(p: dict) -> str:

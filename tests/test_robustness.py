@@ -456,6 +456,47 @@ def test_torchrun_rank_death_ends_cleanly_and_max_restarts_resumes(tiny_run, tmp
     assert state["step"] == 4 and len(state["rng"]) == 2
 
 
+@pytest.mark.slow
+def test_torchrun_rank_death_without_max_restarts_fails_fast_and_leaves_a_loadable_checkpoint(tiny_run, tmp_path):
+    """No --max-restarts: the launcher notices the dead rank, stops the survivor (blocked in a collective, whose own
+    timeout is 30 min) and exits non-zero within seconds; the checkpoint the dead rank saw written still loads."""
+    from sentence_transformers import SentenceTransformer
+    from transformers import AutoModelForCausalLM
+
+    from cozyrag_lib.checkpoint import find_checkpoint, read_checkpoint_file, read_state
+
+    run = copy_run(tiny_run, tmp_path)
+    marker = tmp_path / "died"
+    script = write(tmp_path / "faulty_train.py", FAULTY_TRAIN.format(step=2, marker=str(marker)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+           "--preset=tiny", f"--out_root={run.parent}", f"--model_cache={tiny_run.model_cache}", "--phases=generator",
+           "--max_steps_per_phase=4", "--checkpoint_every=2", "--eval_every=100", "--max_val_qa=4", "--batch_size=2"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _, err = proc.communicate(timeout=180)
+    except subprocess.TimeoutExpired:  # SIGTERM first: torchrun then stops its workers (each in its own session)
+        proc.terminate()
+        try:
+            proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+        pytest.fail("torchrun still running 180 s after the start: a dead rank without --max-restarts hangs the job")
+    ended = time.time()
+    assert marker.exists(), "the fault was never injected"
+    assert proc.returncode != 0, err[-4000:]
+    assert ended - marker.stat().st_mtime < 60, "the launcher took too long to notice the dead rank"
+    ckpt = find_checkpoint(RunPaths(run))
+    assert ckpt is not None
+    state, saved = read_state(ckpt)
+    assert state.step == 2 and state.phase_index == 0 and len(saved["rng"]) == 2
+    opts = read_checkpoint_file(ckpt / "optimizers.pt")
+    assert opts["generator"]["state"] and set(opts) == {"generator", "retriever"}
+    AutoModelForCausalLM.from_pretrained(ckpt / "generator")
+    SentenceTransformer(str(ckpt / "retriever"), device="cpu")
+    assert not (run / "final").exists()  # nothing claims the run finished
+
+
 # ----------------------------------------------------------------------------------------------
 # 4. offline and safe by default
 

@@ -128,6 +128,37 @@ def test_answer_logits_match_the_full_forward(arch, tiny_generator):
             torch.testing.assert_close(fast_grads[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
 
 
+def test_step_weights_make_micro_batches_add_up_to_the_whole_batch():
+    """Each loss part is a mean over its own positions; weighted by step_weights, the micro-batches' parts add up
+    to the parts of the whole batch (a plain mean of micro-batch means does not)."""
+    from cozyrag_lib.losses import GeneratorLoss
+
+    V, g = 40, torch.Generator().manual_seed(3)
+    answers = [[5, 6, 7, 5, 6, 7, 9], [8], [10, 11, 12, 10, 11, 12, 10, 11], [13, 14]]  # repeats, short, long
+    examples = [{"prompt_ids": torch.randint(3, V, (4 + i,), generator=g).tolist(), "answer_ids": a + [2],
+                 "question_ids": [5, 9 + i], "words_before": list(range(len(a) + 1))} for i, a in enumerate(answers)]
+    logits = [torch.randn(len(e["answer_ids"]), V, generator=g) for e in examples]  # each answer position's logits
+
+    def batch_of(rows):
+        b = collate([examples[i] for i in rows], pad_id=0, eos_id=2)
+        width = b["answer_ids"].shape[1]
+        return b, torch.stack([torch.cat([logits[i], torch.zeros(width - len(logits[i]), V)]) for i in rows])
+
+    loss_fn = GeneratorLoss(ngram_repeat_n=2, short_answer_min_words=3, keyword_ignore_ids=[3])
+    whole = loss_fn(*batch_of([0, 1, 2, 3])[::-1])[1]
+    micro = [batch_of(rows) for rows in ([0, 1], [2, 3])]
+    run = types.SimpleNamespace(loss_fn=loss_fn, generator=torch.nn.Linear(1, V))  # get_output_embeddings: V rows
+    run.generator.get_output_embeddings = lambda: run.generator
+    weights = train_steps.step_weights(run, [b for b, _ in micro])
+    summed = [loss_fn(x, b, w)[1] for (b, x), w in zip(micro, weights)]
+    plain = [loss_fn(x, b)[1] for b, x in micro]
+    for k in whole:
+        assert whole[k] > 0, k  # every part applies somewhere
+        torch.testing.assert_close(summed[0][k] + summed[1][k], whole[k], msg=k)
+    assert abs((plain[0]["lm"] + plain[1]["lm"]) / 2 - whole["lm"]) > 1e-3
+    assert train_steps.step_weights(run, [micro[0][0]]) == [dict.fromkeys(whole, 1.0)]  # one batch: unchanged
+
+
 # ----------------------------------------------------------------------------------------------
 # schedule, phases, batches
 
@@ -174,6 +205,17 @@ def test_phase_batches_are_the_same_global_batches_for_any_world_size():
     assert ranks == [list(range(0, 18, 2)), list(range(1, 18, 2))]
     # items a phase touches: every item of 9 global batches, then 3 batches into the next epoch
     assert len(one.items_used(9)) == 36 and 36 >= len(one.items_used(3)) == 12
+    # grad_accum: the same global batches, cut into micro-batches; rank r's m-th micro-batch of step j is item
+    # (j * accum + m) * world + r, so each rank's sampler positions j * accum ... j * accum + accum - 1 make step j
+    for bs, world, accum in [(2, 1, 2), (1, 2, 2), (1, 1, 4)]:
+        acc = train_data.PhaseBatches(lengths, batch_size=bs, world=world, seed=1, phase_index=0, accum=accum)
+        for epoch in range(2):
+            one.set_epoch(epoch)
+            acc.set_epoch(epoch)
+            g = world * accum
+            assert len(acc) == 9 * g
+            assert all(one[j] == sum((acc[j * g + k] for k in range(g)), []) for j in range(9))
+        assert acc.items_used(3) == one.items_used(3)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -381,32 +423,163 @@ def test_two_torchrun_processes_follow_the_one_process_curve(stages, single_run)
     AutoModelForCausalLM.from_pretrained(run_dir / "final" / "generator")
 
 
-@pytest.mark.slow
-def test_resume_after_sigkill_ends_with_the_uninterrupted_weights(stages, single_run):
-    from safetensors.torch import load_file
+def checkpoint_step(run_dir: Path) -> int:
+    """The step of the run's checkpoint on disk, -1 while there is none (or it is being swapped in)."""
+    try:
+        return int(torch.load(RunPaths(run_dir).checkpoint / "state.pt", weights_only=True)["step"])
+    except Exception:  # not there yet, or read while it is being replaced
+        return -1
 
-    name = "killed"
-    run_dir = new_run(stages, name)
-    state_file = RunPaths(run_dir).checkpoint / "state.pt"
-    proc = subprocess.Popen(train_cmd(stages, name, "--batch_size=4"), cwd=ROOT, env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+def train_until_killed(stages, name: str, at_step: int, *extra: str) -> int:
+    """Start training, SIGKILL it as soon as its checkpoint reaches `at_step`; the step of the checkpoint it left."""
+    run_dir = Path(stages.out_root) / name
+    proc = subprocess.Popen(train_cmd(stages, name, *extra), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 600
-        while not state_file.exists() and proc.poll() is None and time.time() < deadline:
+        while checkpoint_step(run_dir) < at_step and proc.poll() is None and time.time() < deadline:
             time.sleep(0.05)
         assert proc.poll() is None, "the run finished before it could be killed"
         os.kill(proc.pid, signal.SIGKILL)
     finally:
         proc.wait()
-    killed_at = torch.load(checkpoint.find_checkpoint(RunPaths(run_dir)) / "state.pt", weights_only=True)["step"]
-    assert 0 < killed_at < 9
+    return int(torch.load(checkpoint.find_checkpoint(RunPaths(run_dir)) / "state.pt", weights_only=True)["step"])
+
+
+def assert_same_tree(ref, got, where: str = "") -> None:
+    """Two torch.load'ed trees (dicts, lists, tensors, numbers) are equal, tensors bit for bit."""
+    if torch.is_tensor(ref):
+        assert torch.is_tensor(got) and ref.dtype == got.dtype and torch.equal(ref, got), where
+    elif isinstance(ref, dict):
+        assert isinstance(got, dict) and ref.keys() == got.keys(), where
+        for k in ref:
+            assert_same_tree(ref[k], got[k], f"{where}/{k}")
+    elif isinstance(ref, (list, tuple)):
+        assert isinstance(got, (list, tuple)) and len(ref) == len(got), where
+        for i, (a, b) in enumerate(zip(ref, got)):
+            assert_same_tree(a, b, f"{where}[{i}]")
+    else:
+        assert ref == got, (where, ref, got)
+
+
+def safetensors_of(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of every .safetensors file under folder, keyed by relative file path and tensor name."""
+    from safetensors.torch import load_file
+
+    return {f"{f.relative_to(folder)}:{k}": v for f in sorted(folder.rglob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_ends_with_the_uninterrupted_weights(stages, single_run):
+    """Killed twice (mid generator phase, then mid retriever phase, once the retriever's optimizer has state),
+    resumed each time: generator, retriever, both optimizers and the RNG streams end as in the uninterrupted run."""
+    name = "killed"
+    run_dir = new_run(stages, name)
+    first = train_until_killed(stages, name, 2, "--batch_size=4")
+    assert 0 < first < 4, first  # a checkpoint of the first generator phase (step 2, or 3 at its end)
+    second = train_until_killed(stages, name, 4, "--batch_size=4", "--resume")
+    assert 4 <= second < 9, second  # in the retriever phase (steps 4-6) or after it: both optimizers have state
     run_training(stages, name, "--batch_size=4", "--resume")
 
-    ref, got = load_file(single_run / "final" / "generator" / "model.safetensors"), load_file(run_dir / "final" / "generator" / "model.safetensors")
-    assert ref.keys() == got.keys()
-    for k in ref:
-        assert torch.equal(ref[k], got[k]), k
+    for part in ("generator", "retriever"):
+        ref, got = safetensors_of(single_run / "final" / part), safetensors_of(run_dir / "final" / part)
+        assert ref and ref.keys() == got.keys(), part
+        for k in ref:
+            assert torch.equal(ref[k], got[k]), (part, k)
+    ckpt_ref, ckpt_got = RunPaths(single_run).checkpoint, RunPaths(run_dir).checkpoint
+    opts_ref = torch.load(ckpt_ref / "optimizers.pt", weights_only=True)
+    opts_got = torch.load(ckpt_got / "optimizers.pt", weights_only=True)
+    for part in ("generator", "retriever"):  # every exp_avg / exp_avg_sq tensor and step, and the param groups
+        states = opts_ref[part]["state"]
+        assert len(states) > 10 and all({"step", "exp_avg", "exp_avg_sq"} <= set(s) for s in states.values()), part
+        assert_same_tree(opts_ref[part], opts_got[part], part)
+    state_ref = torch.load(ckpt_ref / "state.pt", weights_only=True)
+    state_got = torch.load(ckpt_got / "state.pt", weights_only=True)
+    assert state_got["step"] == 9
+    # torch's stream (dropout) continues as if never interrupted; Python's and numpy's global streams are saved and
+    # restored too, but training draws nothing from them, so they are never seeded and differ between any two runs
+    assert_same_tree([r["torch"] for r in state_ref["rng"]], [r["torch"] for r in state_got["rng"]], "rng")
+    assert state_ref["weight_checksums"] == state_got["weight_checksums"]
+
     rows = read_metrics(run_dir)
     assert [r["step"] for r in rows if "loss" in r] == list(range(1, 10))  # no step logged twice
     one = {r["step"]: r["loss"] for r in read_metrics(single_run) if "loss" in r}
     assert all(r["loss"] == pytest.approx(one[r["step"]], abs=1e-6) for r in rows if "loss" in r)
+
+
+def no_dropout_generator(stages, folder: Path) -> Path:
+    """A copy of the tiny GPT-2 with dropout off, so two runs that batch differently see the same network."""
+    from cozyrag_lib.models import TINY_GENERATOR, resolve_generator_path
+
+    shutil.copytree(resolve_generator_path(TINY_GENERATOR, stages.model_cache), folder)
+    config = json.loads((folder / "config.json").read_text())
+    assert config["resid_pdrop"] > 0  # GPT-2 has dropout: without this copy the comparison would need a tolerance
+    config.update(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, summary_first_dropout=0.0)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.mark.slow
+def test_grad_accum_equals_the_same_global_batch(stages, tmp_path):
+    """batch 2 x 2 micro-batches = batch 4 in one: the same questions per step, the loss over the whole step's
+    answer tokens (not a mean of per-micro-batch means), so the same curve and the same weights."""
+    from safetensors.torch import load_file
+
+    gen = no_dropout_generator(stages, tmp_path / "generator")
+    args = ["--phases=generator", f"--generator={gen}", "--max_steps_per_phase=4", "--lr_generator=1e-3",
+            "--warmup_steps=0", "--eval_every=100", "--checkpoint_every=100", "--val_questions=[]"]
+    whole = run_training(stages, "accum1", *args, "--batch_size=4")
+    accum = run_training(stages, "accum2", *args, "--batch_size=2", "--grad_accum=2")
+    a, b = ([r for r in read_metrics(d) if "loss" in r] for d in (whole, accum))
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4]
+    for x, y in zip(a, b):
+        for k in ("loss", "lm", "ngram_repeat", "keyword_overlap", "short_answer"):
+            assert y[k] == pytest.approx(x[k], rel=1e-5, abs=1e-7), (k, x, y)
+    assert a[-1]["loss"] < a[0]["loss"]  # the steps moved the model (lr 1e-3)
+    start = load_file(gen / "model.safetensors")
+    wa, wb = (load_file(d / "final" / "generator" / "model.safetensors") for d in (whole, accum))
+    moved = sum(float((wa[k] - start[k]).norm() ** 2) for k in start) ** 0.5
+    off = sum(float((wb[k] - wa[k]).norm() ** 2) for k in start) ** 0.5
+    assert moved > 0.1 and off < 1e-4 * moved, (moved, off)
+    val = [[r["val_loss"] for r in read_metrics(d) if "val_loss" in r] for d in (whole, accum)]
+    assert val[1] == pytest.approx(val[0], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_chat_template_trains_and_answers(stages, monkeypatch):
+    """prompt_template="chat" (the tokenizer's chat template; the tiny generator has SmolLM2's): training runs
+    and lowers the validation loss, and the trained run answers through the same template, no markup leaking."""
+    from cozyrag_lib import rag as rag_module
+    from cozyrag_lib.retrieval import encode_example
+
+    run_dir = run_training(stages, "chat", "--prompt_template=chat", "--phases=generator", "--max_steps_per_phase=4",
+                           "--lr_generator=1e-3", "--warmup_steps=0", "--eval_every=100", "--checkpoint_every=100",
+                           "--batch_size=4")
+    rows = read_metrics(run_dir)
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
+    assert all(np.isfinite(r[k]) for r in rows if "loss" in r for k in ("loss", "lm", "short_answer"))
+    val = [r["val_loss"] for r in rows if "val_loss" in r]
+    assert len(val) == 2 and np.isfinite(val).all() and val[1] < val[0], val
+    answers = [json.loads(line) for line in RunPaths(run_dir).val_answers.read_text().splitlines()]
+    assert answers and all("<|" not in a["answer"] for a in answers)
+
+    prompts = []
+    generate = rag_module.generate_answers
+
+    def recording(model, tok, batch_prompts, *args, **kw):
+        prompts.append((list(batch_prompts), kw.get("add_special_tokens")))
+        return generate(model, tok, batch_prompts, *args, **kw)
+
+    monkeypatch.setattr(rag_module, "generate_answers", recording)
+    rag = rag_module.RAG.load(run_dir, max_new_tokens=16)
+    assert rag.cfg.prompt_template == "chat"
+    out = rag.answer("Who was Abraham Lincoln?")
+    assert isinstance(out["answer"], str) and not any(t in out["answer"] for t in ("<|", "im_start", "im_end"))
+    [(sent, special)] = prompts
+    assert sent[0].startswith("<|im_start|>") and sent[0].endswith("<|im_start|>assistant\n") and special is False
+    assert "Question: Who was Abraham Lincoln?" in sent[0] and out["context"] in sent[0]
+    # training saw the same layout: the chat prompt, then the answer and EOS (<|im_end|>, which ends a chat turn)
+    ex = encode_example(rag.tokenizer, "Who?", "Ann wrote it.", "Ann", "chat")
+    assert rag.tokenizer.decode(ex["prompt_ids"]).endswith("<|im_start|>assistant\n")
+    assert ex["answer_ids"][-1] == rag.tokenizer.eos_token_id == rag.tokenizer.convert_tokens_to_ids("<|im_end|>")
