@@ -35,7 +35,7 @@ from . import distributed as dist
 from .corpus import Source, embedded_corpus, read_articles, resolve_source
 from .errors import CozyError
 from .jsonio import iter_jsonl, write_json, write_jsonl
-from .models import EMBEDDED_RETRIEVER, _quiet_transformers, package_file, set_offline
+from .models import EMBEDDED_RETRIEVER, _quiet_transformers, offline_kw, package_file, set_offline
 from .text import split_sentences
 
 ARTICLES_PER_BATCH = 256  # articles tokenized together (one batched tokenizer call)
@@ -62,7 +62,8 @@ def load_retriever_tokenizer(spec: str, trust_remote_code: bool = False):
     if path.is_dir() and not (path / "tokenizer_config.json").exists() and (path / "0_Transformer").is_dir():
         path = path / "0_Transformer"
     try:
-        tok = AutoTokenizer.from_pretrained(str(path) if path.exists() else spec, trust_remote_code=trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(str(path) if path.exists() else spec, trust_remote_code=trust_remote_code,
+                                            **offline_kw(spec))
     except (OSError, ValueError) as e:
         raise CozyError(f"retriever '{spec}': cannot load its tokenizer ({str(e).splitlines()[0]})") from None
     if not tok.is_fast:

@@ -304,9 +304,9 @@ def locate_run(parsed: Parsed) -> tuple[Path, bool, dict[str, Any]]:
     run_dir, base = resolve_run(parsed.options["run"] or cfg.run_dir, cfg.out_root)
     load_kw: dict[str, Any] = {k: v for k, v in parsed.overrides.items() if k not in ("out_root", "run_name")}
     if "device" in load_kw:
-        import torch
+        from .distributed import resolve_device  # imports torch: only when a device is asked for
 
-        load_kw["device"] = cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+        load_kw["device"] = resolve_device(cfg.device)
     return run_dir, base, load_kw
 
 

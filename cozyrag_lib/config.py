@@ -17,6 +17,7 @@ import dataclasses
 import difflib
 import json
 import os
+import string
 import tomllib
 import types
 from dataclasses import dataclass, field, fields
@@ -24,10 +25,11 @@ from pathlib import Path
 from typing import Any
 
 from .atomic import atomic_write_text
-from .errors import CozyError
+from .errors import CozyError, faiss_reason
 from .paths import RunPaths
 
 PRESET_DIR = Path(__file__).parent / "presets"
+PROMPT_FIELDS = ("question", "context")  # the placeholders retrieval.format_prompt fills in a prompt_template
 
 
 @dataclass
@@ -221,6 +223,12 @@ def validate(cfg: Config) -> Config:
     for k in ["retriever_temperature", "target_temperature", "temperature"]:
         if getattr(cfg, k) <= 0:
             raise CozyError(f"config: {k} must be positive, got {getattr(cfg, k)}")
+    if not 0 < cfg.top_p <= 1:
+        raise CozyError(f"config: top_p must be in (0, 1], got {cfg.top_p}")
+    if cfg.sample_top_k < 0:
+        raise CozyError(f"config: sample_top_k must not be negative (0 = no top-k cut), got {cfg.sample_top_k}")
+    check_prompt_template(cfg.prompt_template)
+    check_index_factory(cfg.index_factory)
     if cfg.retriever_loss not in ("lm_supervised", "contrastive"):
         raise CozyError(f"config: retriever_loss must be lm_supervised or contrastive, got {cfg.retriever_loss!r}")
     if cfg.precision not in ("fp32", "bf16", "auto"):
@@ -235,6 +243,46 @@ def validate(cfg: Config) -> Config:
     if not cfg.run_name or "/" in cfg.run_name or cfg.run_name in (".", ".."):
         raise CozyError(f"config: run_name must be a plain folder name, got {cfg.run_name!r}")
     return cfg
+
+
+def check_prompt_template(template: str) -> None:
+    """A prompt_template holds no placeholders but {question} and {context} (or is "chat"); else a CozyError.
+
+    >>> check_prompt_template("Question: {question}\\nAnswer: ")
+    """
+    if template == "chat":
+        return
+    try:
+        names = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError as e:  # a lone "{" or "}"
+        raise CozyError(f"config: prompt_template={template!r}: {e} (write a literal brace as {{{{ or }}}})") from None
+    for name in names:
+        if name not in PROMPT_FIELDS:
+            known = ", ".join("{" + f + "}" for f in PROMPT_FIELDS)
+            raise CozyError(f"config: prompt_template has an unknown placeholder {{{name}}} (known: {known})")
+
+
+def index_factory_error(factory: str, e: Exception) -> CozyError:
+    """The one-line error for an index_factory string that FAISS refused with the C++ error `e`."""
+    return CozyError(f"config: index_factory={factory!r}: faiss cannot build it ({faiss_reason(e)}); "
+                     "try Flat, HNSW32, IVF{n},Flat or IVF{n},PQ{m}")
+
+
+def check_index_factory(factory: str) -> None:
+    """An index_factory string FAISS cannot parse is an error before any file is read.
+
+    FAISS builds an empty index for a small dimension (cheap). Only a parse failure counts here: whether the
+    string fits the retriever's dimension and the number of passages is for the index stage to say.
+    """
+    if factory == "Flat":  # the default: no need to import faiss
+        return
+    import faiss  # 0.1 s, and only for a factory other than the default
+
+    try:
+        faiss.index_factory(64, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as e:
+        if "could not parse" in str(e):
+            raise index_factory_error(factory, e) from None
 
 
 def list_presets() -> list[str]:

@@ -12,6 +12,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from .errors import CozyError
+
 
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
@@ -38,12 +40,24 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+def resolve_device(device: str = "auto") -> str:
+    """The device a setting names: "auto" is "cuda" where a CUDA GPU is available, else "cpu".
+
+    Asking for CUDA on a machine without a GPU is a one-line CozyError, not an error from inside torch.
+    """
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise CozyError(f"config: device={device} but no CUDA GPU is available (use --device=cpu, or auto)")
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
 def setup(device: str = "auto") -> torch.device:
     """Join the torchrun process group if launched by torchrun; return this process's device.
 
     NCCL on GPUs, gloo on CPU; the GPU index comes from LOCAL_RANK, never the global RANK.
     """
-    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    use_cuda = resolve_device(device).startswith("cuda")
     dev = torch.device("cuda", local_rank()) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(dev)

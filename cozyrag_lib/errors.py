@@ -1,6 +1,7 @@
 """The one exception users see: a clear one-line message, no traceback (unless --debug)."""
 from __future__ import annotations
 
+import re
 import sys
 import traceback
 from typing import Callable
@@ -9,6 +10,12 @@ from typing import Callable
 def first_line(e: BaseException) -> str:
     """The first line of an exception's message (its type name when the message is empty)."""
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def faiss_reason(e: BaseException) -> str:
+    """The readable tail of a FAISS C++ error: drop 'Error in <signature> at file.cpp:123: '."""
+    line = re.sub(r"^Error in .*? at \S+:\d+: ", "", first_line(e))
+    return re.sub(r"^Error: '.*?' failed: ", "", line)
 
 
 class CozyError(Exception):

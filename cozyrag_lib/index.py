@@ -22,7 +22,6 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +35,8 @@ from tqdm import tqdm  # text bars: they also stream through papermill, where wi
 from . import distributed
 from .atomic import atomic_dir, atomic_path
 from .chunking import read_passages
-from .errors import CozyError
+from .config import index_factory_error
+from .errors import CozyError, faiss_reason
 from .models import autocast, eval_mode, load_retriever, retriever_identity, unwrap
 
 INDEX_FILE = "index.faiss"
@@ -135,13 +135,6 @@ def embed_corpus(retriever, texts: list[str], batch_size: int = 64, out_path: st
 # FAISS
 
 
-def _faiss_reason(e: Exception) -> str:
-    """The readable tail of a FAISS C++ error: drop 'Error in <signature> at file.cpp:123: '."""
-    line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    line = re.sub(r"^Error in .*? at \S+:\d+: ", "", line)
-    return re.sub(r"^Error: '.*?' failed: ", "", line)
-
-
 def _ivf_or_none(index):
     """The IVF part of `index` (also inside a pre-transform), or None."""
     import faiss
@@ -193,8 +186,7 @@ def new_faiss_index(factory: str, dim: int, n_train: int | None = None):
     try:
         index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as e:
-        raise CozyError(f"config: index_factory={factory!r}: faiss cannot build it ({_faiss_reason(e)}); "
-                        "try Flat, HNSW32, IVF{n},Flat or IVF{n},PQ{m}") from None
+        raise index_factory_error(factory, e) from None
     _skip_polysemous_training(index)
     need = _min_train_points(index) if not index.is_trained else 0
     if n_train is not None and n_train < need:
@@ -230,7 +222,7 @@ def make_faiss_index(embeddings: np.ndarray, factory: str = "Flat", nprobe: int 
             index.train(x)
         except RuntimeError as e:
             raise CozyError(f"config: index_factory={factory!r}: training failed on {x.shape[0]} passages "
-                            f"({_faiss_reason(e)})") from None
+                            f"({faiss_reason(e)})") from None
     index.add(x)
     set_search_params(index, nprobe, ef_search)
     return index
@@ -338,7 +330,7 @@ class PassageIndex:
         try:
             index = faiss.read_index(str(index_path))
         except RuntimeError as e:
-            raise CozyError(f"{index_path}: cannot read the FAISS index ({_faiss_reason(e)}); {REBUILD}") from None
+            raise CozyError(f"{index_path}: cannot read the FAISS index ({faiss_reason(e)}); {REBUILD}") from None
         if index.ntotal != m["passages"] or index.d != m["dim"]:
             raise CozyError(f"{index_path} holds {index.ntotal} vectors of dim {index.d}, but {manifest_path} says "
                             f"{m['passages']} of dim {m['dim']}; {REBUILD}")

@@ -58,11 +58,20 @@ def is_local_spec(spec: str) -> bool:
 
 
 def set_offline(*specs: str) -> None:
-    """Switch the Hugging Face libraries offline unless a spec names a hub model."""
+    """Switch the Hugging Face libraries offline unless a spec names a hub model.
+
+    The variables reach child processes (torchrun workers, notebooks' subprocesses); `huggingface_hub` reads
+    them once at import, so inside this process the loads themselves pass `offline_kw(spec)` as well.
+    """
     if all(is_local_spec(s) for s in specs):
         os.environ["HF_HUB_OFFLINE"] = "1"
         os.environ["TRANSFORMERS_OFFLINE"] = "1"
         os.environ["HF_DATASETS_OFFLINE"] = "1"
+
+
+def offline_kw(spec: str) -> dict:
+    """`local_files_only=True` for a spec that needs no network: offline in this process whatever was imported first."""
+    return {"local_files_only": True} if is_local_spec(spec) else {}
 
 
 def _quiet_transformers() -> None:
@@ -99,8 +108,8 @@ def load_generator(spec: str, cache_dir: str | Path = "data/models", trust_remot
     set_offline(spec)
     path = resolve_generator_path(spec, cache_dir)
     try:
-        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **offline_kw(spec))
+        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code, **offline_kw(spec))
     except (OSError, ValueError, SafetensorError) as e:  # missing, truncated or corrupt files
         raise _load_error("generator", spec, path, e) from None
     if tok.pad_token is None:
@@ -120,7 +129,7 @@ def load_retriever(spec: str, device: str | None = None, trust_remote_code: bool
     if spec.startswith((".", "/", "~")) and not Path(spec).expanduser().exists():
         raise CozyError(f"{spec}: retriever folder not found")
     try:
-        return SentenceTransformer(path, device=device, trust_remote_code=trust_remote_code)
+        return SentenceTransformer(path, device=device, trust_remote_code=trust_remote_code, **offline_kw(spec))
     except (OSError, ValueError, SafetensorError) as e:  # missing, truncated or corrupt files
         raise _load_error("retriever", spec, path, e) from None
 
@@ -165,9 +174,10 @@ def _convert_gguf(gguf: Path, out: Path) -> Path:
 
 
     print(f"converting {gguf.name} to a Hugging Face folder in {out} (once, about 20 s)", flush=True)
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    local = dict(gguf_file=gguf.name, local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, **local)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, **local)
+    config = AutoConfig.from_pretrained(gguf.parent, **local)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     model = AutoModelForCausalLM.from_config(config)
@@ -187,7 +197,8 @@ def _build_tiny_gpt2(cache_dir: Path) -> Path:
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 
-    tok = AutoTokenizer.from_pretrained(_convert_gguf(package_file(EMBEDDED_GENERATOR), cache_dir / "smollm2-135m-instruct"))
+    tok = AutoTokenizer.from_pretrained(_convert_gguf(package_file(EMBEDDED_GENERATOR), cache_dir / "smollm2-135m-instruct"),
+                                        local_files_only=True)
     torch.manual_seed(0)
     config = GPT2Config(vocab_size=len(tok), n_positions=512, n_embd=64, n_layer=2, n_head=2,
                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,

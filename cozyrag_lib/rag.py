@@ -24,9 +24,10 @@ import torch
 from .chunking import read_passages
 from .cli import locate_run, parse_command, run_spec
 from .config import Config, load_config
+from .distributed import resolve_device
 from .errors import CozyError
 from .generate import generate_answers
-from .index import PassageIndex, embed_texts, make_faiss_index, passage_texts
+from .index import MANIFEST_FILE, PassageIndex, embed_texts, make_faiss_index, passage_texts, read_manifest
 from .jsonio import read_json
 from .models import autocast, load_generator, load_retriever, use_bf16
 from .paths import RunPaths
@@ -75,6 +76,7 @@ class RAG:
     pindex: Any
     name: str = ""
     sentences: Any = field(default=None, repr=False)  # SentenceCache: passage sentence embeddings, kept across calls
+    passage_encoder: Any = field(default=None, repr=False)  # embedded the passages: the retriever, unless query_only
 
     @classmethod
     def load(cls, run: str | Path, corpus: str | Path | None = None, device: str | None = None,
@@ -86,7 +88,7 @@ class RAG:
         """
         run_dir, base = resolve_run(run, overrides.get("out_root", "outputs/runs"))
         cfg = run_config(run_dir, **overrides)
-        dev = device or ("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu")
+        dev = resolve_device(device or cfg.device)
         paths = RunPaths(run_dir)
         if base:
             gen_spec, ret_spec, index_dir = cfg.generator, cfg.retriever, paths.index
@@ -104,12 +106,14 @@ class RAG:
             generator.to(torch.bfloat16)
         retriever = load_retriever(ret_spec, device=dev, trust_remote_code=cfg.trust_remote_code)
         retriever.eval()
+        passage_encoder = load_passage_encoder(index_dir, retriever, dev, cfg)
         if corpus is not None:
-            pindex = temporary_index(retriever, corpus, cfg)
+            pindex = temporary_index(passage_encoder, corpus, cfg)
         else:
             pindex = PassageIndex.load(index_dir, paths.passages, retriever=ret_spec)
         name = f"{'base' if base else 'trained'}:{run_dir.name}"
-        return cls(cfg, generator, tokenizer, retriever, pindex, name, SentenceCache(retriever, cfg.embed_batch_size))
+        return cls(cfg, generator, tokenizer, retriever, pindex, name,
+                   SentenceCache(passage_encoder, cfg.embed_batch_size), passage_encoder)
 
     @property
     def device(self) -> torch.device:
@@ -177,6 +181,19 @@ class RAG:
         return [{"question": q, "answer": a, "passages": h, "context_sentences": s, "context": c, "mode": mode,
                  "timings": dict(timings)}
                 for q, a, h, s, c in zip(questions, answers, hits, sentence_lists, prompted)]
+
+
+def load_passage_encoder(index_dir: Path, retriever, device: str, cfg: Config):
+    """The model that embedded the index's passages, which also embeds context sentences (as in training).
+
+    That is the retriever itself, except for a run trained with `query_only`: its index manifest names the
+    frozen base retriever as `passage_encoder`, and only the question side was trained.
+    """
+    manifest = index_dir / MANIFEST_FILE
+    spec = read_manifest(index_dir).get("passage_encoder") if manifest.is_file() else None
+    if not spec:
+        return retriever
+    return load_retriever(spec, device=device, trust_remote_code=cfg.trust_remote_code).eval()
 
 
 def temporary_index(retriever, corpus: str | Path, cfg: Config):

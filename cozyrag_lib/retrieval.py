@@ -181,26 +181,63 @@ def words_before(tokenizer, answer_ids: Sequence[int]) -> list[int]:
     return out + [len(ends)]
 
 
+def cut_middle(tokenizer, text: str, max_tokens: int, marker: str = " ... ") -> str:
+    """`text` in at most about `max_tokens` tokens: its start and its end, joined by `marker` where the middle was.
+
+    >>> cut_middle(tok, "one two three four five six seven eight", 5)   # doctest: +SKIP
+    'one two ... seven eight'
+    """
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) <= max_tokens:
+        return text
+    keep = max_tokens - len(tokenizer(marker, add_special_tokens=False)["input_ids"])
+    if keep <= 0:
+        return ""
+    head = tokenizer.decode(ids[: keep - keep // 2]).rstrip("\ufffd").rstrip()  # a cut inside a UTF-8 char: U+FFFD
+    tail = tokenizer.decode(ids[len(ids) - keep // 2:]).lstrip("\ufffd").lstrip() if keep // 2 else ""
+    return f"{head}{marker}{tail}".strip()
+
+
+def fit_prompt(tokenizer, question: str, context: str, template: str, budget: int) -> list[int]:
+    """Prompt token ids in at most `budget` tokens that still end with the template's answer cue (`A: `).
+
+    The context is cut first, then the middle of the question; a template longer than the budget on its
+    own loses its middle too, so the cue at its end survives.
+    """
+    def encode(q: str, c: str) -> list[int]:
+        return encode_prompt(tokenizer, format_prompt(tokenizer, q, c, template), template)
+
+    prompt_ids = encode(question, context)
+    n_context = len(tokenizer(context, add_special_tokens=False)["input_ids"])
+    n_question = len(tokenizer(question, add_special_tokens=False)["input_ids"])
+    for _ in range(8):  # re-tokenising a cut text may differ by a token; a few tries settle it
+        over = len(prompt_ids) - budget
+        if over <= 0:
+            return prompt_ids
+        if n_context > 0:
+            n_context = max(0, n_context - over)
+            context = truncate_tokens(tokenizer, context, n_context)
+        elif n_question > 0:
+            n_question = max(0, n_question - over)
+            question = cut_middle(tokenizer, question, n_question)
+        else:
+            break
+        prompt_ids = encode(question, context)
+    budget = max(1, budget)
+    return prompt_ids[: budget - budget // 2] + prompt_ids[len(prompt_ids) - budget // 2:] if len(prompt_ids) > budget \
+        else prompt_ids
+
+
 def encode_example(tokenizer, question: str, context: str, answer: str, template: str = DEFAULT_TEMPLATE,
                    max_length: int = 256) -> dict:
     """Token lists for one training example: prompt, answer + EOS, question, words_before.
 
-    Over `max_length`, the context is cut (never the question or the answer's start); an answer
-    longer than half of max_length is cut too (it keeps its EOS).
+    Over `max_length`, the context is cut, then the middle of the question (`fit_prompt`): the prompt
+    always ends with the answer cue. An answer longer than half of max_length is cut too (it keeps its EOS).
     """
     eos = tokenizer.eos_token_id
     answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"][: max_length // 2 - 1]
-    prompt_ids = encode_prompt(tokenizer, format_prompt(tokenizer, question, context, template), template)
-    n_context = len(tokenizer(context, add_special_tokens=False)["input_ids"])
-    for _ in range(4):  # re-tokenising a cut context may differ by a token; a few tries settle it
-        over = len(prompt_ids) + len(answer_ids) + 1 - max_length
-        if over <= 0:
-            break
-        n_context = max(0, n_context - over)
-        context = truncate_tokens(tokenizer, context, n_context)
-        prompt_ids = encode_prompt(tokenizer, format_prompt(tokenizer, question, context, template), template)
-    else:
-        prompt_ids = prompt_ids[: max(1, max_length - len(answer_ids) - 1)]  # question longer than the budget
+    prompt_ids = fit_prompt(tokenizer, question, context, template, max_length - len(answer_ids) - 1)
     return {
         "prompt_ids": prompt_ids,
         "answer_ids": answer_ids + [eos],

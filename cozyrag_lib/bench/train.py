@@ -62,7 +62,8 @@ def bench_generator(spec: str, cfg):
         return load_generator(spec, cfg.model_cache, cfg.trust_remote_code)
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
-    tok = AutoTokenizer.from_pretrained(resolve_generator_path(TINY_GENERATOR, cfg.model_cache))  # SmolLM2's
+    tok = AutoTokenizer.from_pretrained(resolve_generator_path(TINY_GENERATOR, cfg.model_cache),  # SmolLM2's
+                                        local_files_only=True)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     torch.manual_seed(cfg.seed)
