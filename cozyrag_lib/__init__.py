@@ -4,7 +4,7 @@ The stages, each a function of one `Config` (see `config.py`) that writes named 
 `outputs/runs/<run_name>/`:
     prepare_qa(cfg)      -> qa/{train,validation,test}.jsonl
     chunk_corpus(cfg)    -> passages/passages.jsonl
-    build_index(cfg)     -> index/ (FAISS + embeddings + manifest)
+    build_index(cfg)     -> index/ (FAISS + embeddings + manifest, bm25/ the BM25 index)
     cozyrag_lib.train    -> final/{generator,retriever,index}, train/metrics.jsonl  (python -m / torchrun)
     RAG.load(run).answer(question), cozyrag_lib.evaluate.evaluate(rag, items)
 Every path is named once, in `paths.RunPaths` (`cfg.paths`).

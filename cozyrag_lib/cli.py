@@ -54,7 +54,7 @@ COMMANDS: dict[str, tuple[str, dict[str, tuple[Any, Any, str]]]] = {
         "json": (bool, False, "print one JSON object per question instead of text"),
     }),
     "evaluate": ("Evaluate a run on a QA file (EM/F1, recall@k, latency); config keys override the run's saved "
-                 "config (e.g. --top_k=8; --batch_size=16 questions answered together).", {
+                 "config (e.g. --top_k=8; --retrieval=bm25 or hybrid; --batch_size=16 questions answered together).", {
                      "run": (str, None, RUN_HELP),
                      "qa": (str, REQUIRED, "QA file in any format prepare-qa reads (e.g. RUN/qa/test.jsonl)"),
                      "format": (str, "auto", "QA file format: auto, squad, qabot, tsv or jsonl"),
@@ -62,7 +62,7 @@ COMMANDS: dict[str, tuple[str, dict[str, tuple[Any, Any, str]]]] = {
                      "mode": (("rag", "closed", "oracle"), "rag", "rag retrieves; closed: no context; oracle: the "
                               "item's gold context"),
                      "limit": (int, 0, "evaluate only the first N questions (0 = all)"),
-                     "out": (str, None, "summary JSON path (default RUN/eval/<mode>-<qa name>.json)"),
+                     "out": (str, None, "summary JSON path (default RUN/eval/<mode>[-<retrieval>]-<qa name>.json)"),
                  }),
     "bench": ("Benchmarks, one JSON line each: bench index|train|ask|scale (see `bench --help`).", {
         "benchmark": (POSITIONAL, REQUIRED, "index, train, ask or scale, then its options"),

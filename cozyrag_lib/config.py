@@ -18,6 +18,7 @@ import difflib
 import json
 import os
 import string
+import time
 import tomllib
 import types
 from dataclasses import dataclass, field, fields
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .atomic import atomic_write_text
-from .errors import CozyError, faiss_reason
+from .errors import CozyError, faiss_reason, first_line
 from .paths import RunPaths
 
 PRESET_DIR = Path(__file__).parent / "presets"
@@ -40,6 +41,7 @@ class Config:
     seed: int = 1337  # seeds model init, data order and sampling (splits use a fixed hash rule, no seed)
     device: str = "auto"  # "auto" (cuda if available, else cpu), "cpu", "cuda"
     debug: bool = False  # full tracebacks instead of one-line errors: `--debug` (=true, =1) on any command
+    preset: str = ""  # the preset this config was built from (recorded by load_config, saved with each stage)
 
     # --- models ----------------------------------------------------------------------------
     generator: str = "embedded:smollm2-135m-instruct"  # embedded:..., tiny:gpt2, a folder, a .gguf, or a hub name
@@ -307,6 +309,7 @@ def load_config(preset: str | None = "demo", overrides: dict[str, Any] | None = 
         src = f"preset {preset}"
         for k, v in read_preset(preset).items():
             values[k] = coerce(k, v, src)
+        values.setdefault("preset", preset)  # a resolved config written as a preset (launch.toml) keeps its own
     for k, v in {**(overrides or {}), **kw}.items():
         values[k] = coerce(k, v)
     return validate(Config(**values))
@@ -333,8 +336,11 @@ def notebook_config(namespace: dict[str, Any], extra: tuple[str, ...] = ()) -> C
     Names in `extra` are notebook parameters that are not config keys (e.g. a default question).
     The parameter names are remembered on the first call, so re-running the cell later in Jupyter
     (when `cfg` and other results exist) checks the same names again.
-    The preset is the notebook's `preset` parameter, else the COZYRAG_PRESET environment variable (how
-    the test command runs the notebooks under nbval on the tiny preset), else "demo".
+    The preset is, in order: the notebook's `preset` parameter (what papermill injects), the
+    COZYRAG_PRESET environment variable (how the test command runs the notebooks under nbval on the tiny
+    preset), the most recent run under `out_root` (a notebook opened by hand continues the run the user
+    made: that run's saved settings, with the notebook's parameters on top), else "demo". It prints
+    which, and why.
     A kernel started in `notebooks/` (Jupyter's habit) moves to the project root, so relative paths
     such as `outputs/runs` mean the same as under run_all.sh.
     """
@@ -351,5 +357,41 @@ def notebook_config(namespace: dict[str, Any], extra: tuple[str, ...] = ()) -> C
             raise CozyError(f"notebook parameter '{k}' is not a config key")
         if namespace[k] is not None:
             overrides[k] = namespace[k]
-    preset = namespace.get("preset") or os.environ.get("COZYRAG_PRESET") or "demo"
+    if namespace.get("preset"):
+        preset, why = namespace["preset"], "the notebook's preset parameter"
+    elif os.environ.get("COZYRAG_PRESET"):
+        preset, why = os.environ["COZYRAG_PRESET"], "from $COZYRAG_PRESET"
+    else:
+        out_root = overrides.get("out_root") or Config.out_root
+        latest = latest_run(out_root)
+        if latest is not None:
+            path, values = latest
+            cfg = load_config(None, {**values, **overrides})
+            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(path.stat().st_mtime))
+            print(f"preset {cfg.preset or '(not recorded)'}: the settings of the most recent run, {path.parent.parent} "
+                  f"({path.parent.name}/{path.name}, {when}); no preset parameter or $COZYRAG_PRESET says otherwise")
+            return cfg
+        preset, why = "demo", f"the default: no preset parameter, no $COZYRAG_PRESET, no run under {out_root}/ yet"
+    print(f"preset {preset} ({why})")
     return load_config(preset, overrides)
+
+
+def latest_run(out_root: str | Path) -> tuple[Path, dict[str, Any]] | None:
+    """The most recent run under `out_root`: (its newest stage config.json, the values saved there), or None.
+
+    "Most recent" is the run whose last stage wrote its config last. A config that no longer loads (an
+    edited file, one from another version) is skipped with a note.
+    """
+    found = sorted(((p.stat().st_mtime, p) for run in (Path(out_root).iterdir() if Path(out_root).is_dir() else ())
+                    if run.is_dir() for p in RunPaths(run).stage_configs() if p.is_file()), reverse=True)
+    for _, path in found:
+        try:
+            values = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(values, dict):
+                raise ValueError("not a JSON object")
+            values.update(out_root=str(path.parent.parent.parent), run_name=path.parent.parent.name)
+            load_config(None, values)
+            return path, values
+        except (OSError, ValueError, CozyError) as e:
+            print(f"note: {path}: skipped, not a config this version reads ({first_line(e)})")
+    return None

@@ -8,12 +8,19 @@ per-question predictions JSONL (`<name>.predictions.jsonl`).
 
 Metrics (means over the evaluated questions):
   em, f1                   SQuAD v1.1 normalisation, max over gold answers
-  answer_recall@{1,5,K}    a gold answer occurs in one of the first k retrieved passages (rag mode)
+  top{1,5,20,100}_accuracy DPR's top-k retrieval accuracy (rag mode): one of the first k passages `has_answer`
+                           (NFD, DPR's tokenizer, lower-cased, contiguous tokens; `metrics.has_answer`) - the
+                           number papers report, from one extra search of 100 passages per question
+  answer_recall@{1,5,K}    CoZyRAG's own: a SQuAD-normalised gold answer occurs in one of the first k passages
+                           (rag mode; stricter than DPR's: "Einstein" is not in "Einstein's")
   title_recall@{1,5}       one of the first k passages comes from the item's article (items with titles;
                            underscores in titles such as SQuAD's `Super_Bowl_50` count as spaces)
   latency_p50_s/_p95_s     per-question time, answering `batch_size` questions at a time (batch time / size)
-  by_source, by_type       n, em, f1 (and answer_recall@5) per QA source and per question type (`qtype`), when
-                           the items mix several
+  by_source, by_type       n, em, f1 (and answer_recall@5, top5_accuracy) per QA source and per question type
+                           (`qtype`), when the items mix several
+  retrieval, passages      the retrieval mode (`--retrieval=dense|bm25|hybrid`) and the corpus size searched
+
+    python -m cozyrag_lib evaluate --run outputs/runs/demo --qa ... --retrieval=hybrid     # dense + BM25, fused
 """
 from __future__ import annotations
 
@@ -26,12 +33,15 @@ from tqdm import tqdm  # text bars: they also stream through papermill, where wi
 from .cli import locate_run, parse_command, run_spec
 from .errors import CozyError
 from .jsonio import write_json, write_jsonl
-from .metrics import (answer_in_text, answer_recall_at_k, evidence_recall_at_k, exact_match, f1_score, normalize_answer,
-                      percentile, title_recall_at_k)
+from .metrics import (answer_in_text, answer_rank, answer_recall_at_k, evidence_recall_at_k, exact_match, f1_score,
+                      normalize_answer, percentile, title_recall_at_k)
 from .models import autocast
 from .qa_formats import load_qa_file
 from .rag import RAG
 from .retrieval import retrieve
+
+
+TOP_KS = (1, 5, 20, 100)  # DPR's top-k accuracy is reported at these depths
 
 
 def _title(t: str) -> str:
@@ -52,6 +62,7 @@ def evaluate(rag, items: Sequence[dict], mode: str = "rag", top_k: int | None = 
     if not items:
         raise CozyError("no QA items to evaluate")
     preds: list[dict] = []
+    top = top_accuracies(rag, items) if mode == "rag" else [{} for _ in items]  # DPR top-k, one search of 100
     starts = range(0, len(items), batch_size)
     for s in tqdm(starts, desc=f"evaluate {rag.name} {mode}", unit="batch", disable=not show_progress):
         chunk = items[s:s + batch_size]
@@ -69,6 +80,7 @@ def evaluate(rag, items: Sequence[dict], mode: str = "rag", top_k: int | None = 
             if mode != "closed":  # is a gold answer in the context the generator was given (after the cuts)?
                 row["context_has_answer"] = float(answer_in_text(it["answers"], out["context"]))
             if mode == "rag":
+                row.update(top[len(preds)])  # this item's top{k}_accuracy
                 for kk in sorted({1, 5, k}):
                     row[f"answer_recall@{kk}"] = answer_recall_at_k(it["answers"], texts, kk)
                 if it.get("title"):
@@ -82,6 +94,9 @@ def evaluate(rag, items: Sequence[dict], mode: str = "rag", top_k: int | None = 
 
     summary = {"run": rag.name, "n": len(preds), "mode": mode, "top_k": k, "em": mean("em"), "f1": mean("f1")}
     if mode == "rag":
+        summary.update(retrieval=rag.pindex.retrieval, passages=len(rag.pindex))
+        for kk in TOP_KS:
+            summary[f"top{kk}_accuracy"] = mean(f"top{kk}_accuracy")
         for kk in sorted({1, 5, k}):
             summary[f"answer_recall@{kk}"] = mean(f"answer_recall@{kk}")
         if any("title_recall@1" in p for p in preds):
@@ -98,7 +113,8 @@ def evaluate(rag, items: Sequence[dict], mode: str = "rag", top_k: int | None = 
             for g in groups:
                 rows = [p for p in preds if p[field] == g]
                 summary[name][g] = {"n": len(rows), "em": mean("em", rows), "f1": mean("f1", rows),
-                                    **({"answer_recall@5": mean("answer_recall@5", rows)} if mode == "rag" else {})}
+                                    **({"answer_recall@5": mean("answer_recall@5", rows),
+                                        "top5_accuracy": mean("top5_accuracy", rows)} if mode == "rag" else {})}
     if skipped:
         summary["skipped_without_context"] = skipped
     return summary, preds
@@ -124,24 +140,46 @@ def answer_sentence(answer: str, sentences: Sequence[str]) -> str | None:
     return sentences[best] if shared[best] else None
 
 
-def recall_at_ks(rag, items: Sequence[dict], ks: Sequence[int], batch_size: int = 64) -> dict[str, list[float]]:
-    """Evidence and answer recall@k (and title recall@k for items with titles) for every k in `ks`, from one
-    search. Evidence recall is training's val_recall (`metrics.evidence_recall_at_k`)."""
-    kmax = max(ks)
+def _retrieved(rag, items: Sequence[dict], k: int, batch_size: int = 64) -> list[list[dict]]:
+    """The top-k passages of each item's question by the pipeline's retrieval mode."""
     with autocast(rag.cfg.precision, rag.device):  # queries embedded as answering and training embed them
-        _, _, ids = retrieve(rag.retriever, rag.pindex, [it["question"] for it in items], kmax, batch_size)
-    ans, tit, evi = ({k: 0.0 for k in ks} for _ in range(3))
+        _, _, ids = retrieve(rag.retriever, rag.pindex, [it["question"] for it in items], k, batch_size)
+    return [[rag.pindex.passages[j] for j in row if j >= 0] for row in ids]
+
+
+def top_accuracies(rag, items: Sequence[dict], batch_size: int = 64) -> list[dict[str, float]]:
+    """{top{k}_accuracy: 0/1} per item for k in TOP_KS (DPR's has_answer), from one search of max(TOP_KS)."""
+    ranks = [answer_rank(it["answers"], [p["text"] for p in ps])
+             for it, ps in zip(items, _retrieved(rag, items, max(TOP_KS), batch_size))]
+    return [{f"top{k}_accuracy": float(r is not None and r <= k) for k in TOP_KS} for r in ranks]
+
+
+def recall_at_ks(rag, items: Sequence[dict], ks: Sequence[int], batch_size: int = 64) -> dict:
+    """Retrieval curves for every k in `ks`, from one search, by the pipeline's retrieval mode:
+
+    top_accuracy     DPR's top-k accuracy (`metrics.has_answer`); also top{1,5,20,100}_accuracy as numbers
+    evidence_recall  training's val_recall (`metrics.evidence_recall_at_k`)
+    answer_recall    CoZyRAG's SQuAD-normalised answer-in-passage test (`metrics.answer_in_text`)
+    title_recall     a passage from the item's article (items with titles)
+    and retrieval (the mode), passages (the corpus size), n, k.
+    """
+    kmax = max(*ks, *TOP_KS)
+    ans, tit, evi, acc = ({k: 0.0 for k in {*ks, *TOP_KS}} for _ in range(4))
     n_titled = sum(1 for it in items if it.get("title"))
-    for it, row in zip(items, ids):
-        ps = [rag.pindex.passages[j] for j in row if j >= 0]
+    for it, ps in zip(items, _retrieved(rag, items, kmax, batch_size)):
         texts, titles = [p["text"] for p in ps], [_title(p["title"]) for p in ps]
+        rank = answer_rank(it["answers"], texts)  # DPR's has_answer, first hit
+        for k in acc:
+            acc[k] += rank is not None and rank <= k
         for k in ks:
             evi[k] += evidence_recall_at_k(it, ps, k)
             ans[k] += answer_recall_at_k(it["answers"], texts, k)
             if it.get("title"):
                 tit[k] += title_recall_at_k(_title(it["title"]), titles, k)
-    out = {"k": list(ks), "n": len(items), "evidence_recall": [evi[k] / len(items) for k in ks],
-           "answer_recall": [ans[k] / len(items) for k in ks]}
+    n = len(items)
+    out = {"k": list(ks), "n": n, "retrieval": rag.pindex.retrieval, "passages": len(rag.pindex),
+           "top_accuracy": [acc[k] / n for k in ks], "evidence_recall": [evi[k] / n for k in ks],
+           "answer_recall": [ans[k] / n for k in ks], **{f"top{k}_accuracy": acc[k] / n for k in TOP_KS}}
     if n_titled:
         out["title_recall"] = [tit[k] / n_titled for k in ks]
     return out
@@ -168,7 +206,8 @@ def cli(argv: list[str]) -> int:
     items = items[:opts["limit"]] if opts["limit"] else items
     rag = RAG.load(run_spec(run_dir, base), corpus=opts["corpus"], **load_kw)
     summary, preds = evaluate(rag, items, opts["mode"], batch_size=rag.cfg.batch_size)
-    out = Path(opts["out"]) if opts["out"] else run_dir / "eval" / f"{'base-' if base else ''}{opts['mode']}-{Path(opts['qa']).stem}.json"
+    how = opts["mode"] + (f"-{rag.cfg.retrieval}" if opts["mode"] == "rag" and rag.cfg.retrieval != "dense" else "")
+    out = Path(opts["out"]) if opts["out"] else run_dir / "eval" / f"{'base-' if base else ''}{how}-{Path(opts['qa']).stem}.json"
     write_results(summary, preds, out)
     print(json.dumps(summary))
     return 0

@@ -1,16 +1,18 @@
 """Notebook 05's interactive side: the question box, and `compare` (every pipeline x mode on the same items).
 
-    >>> box = question_box(rag, "Who was Albert Einstein?")   # prints a plain answer, then shows the widget
+    >>> box = question_box(rag, "Who was Albert Einstein?")   # the box, opened on that answer (plain text without widgets)
     >>> rows = compare({"trained": rag, "base": base}, items, modes=("closed", "rag", "oracle"))
     >>> display(Markdown(report.summary_table([s for s, _ in rows])))
 """
 from __future__ import annotations
 
+import functools
 import html
 from pathlib import Path
 from typing import Sequence
 
 from .evaluate import evaluate, recall_at_ks, write_results
+from .errors import first_line
 from .jsonio import write_json
 from .rag import format_answer
 from .text import split_sentences
@@ -21,9 +23,11 @@ from .text import split_sentences
 
 
 def answer_html(out: dict) -> str:
-    """The answer, the passages with scores, and the sentences given to the generator highlighted."""
+    """The question it answers, the answer, the passages with scores, and the sentences given to the
+    generator highlighted. Everything the model or the user wrote is escaped, never rendered as markup."""
     chosen = set(out["context_sentences"])
-    parts = [f"<h3>{html.escape(out['answer']) or '<i>(empty answer)</i>'}</h3>",
+    parts = [f"<p style='margin:0'><small>Q: {html.escape(out['question'])}</small></p>",
+             f"<h3 style='margin-top:0.2em'>{html.escape(out['answer']) or '<i>(empty answer)</i>'}</h3>",
              f"<p><small>{out['timings']['total_s']:.2f} s</small></p><ol>"]
     for p in out["passages"]:
         sents = [f"<mark>{html.escape(s)}</mark>" if s in chosen else html.escape(s) for s in split_sentences(p["text"])]
@@ -31,33 +35,88 @@ def answer_html(out: dict) -> str:
     return "".join(parts) + "</ol>"
 
 
-def question_box(rag, default_question: str = "Who was Albert Einstein?", top_k: int | None = None):
-    """Print a plain answer to `default_question` (what papermill and nbval see), then return the widget.
+def error_html(message: str) -> str:
+    """One red line (what the box shows instead of a traceback)."""
+    return f"<span style='color:#c62828'>error: {html.escape(message)}</span>"
 
-    The text typed in the box is only ever passed to `rag.answer` as a string: nothing is evaluated.
+
+BUSY_HTML = "<i>answering…</i>"
+PLAIN_NOTE = ("(The question box as plain text: what a viewer without Jupyter widgets shows, and JupyterLab in a "
+              "copy it does not trust. Run the notebook in JupyterLab (`./run_all.sh lab`) to ask your own questions; "
+              "an executed copy shows its saved box once trusted, `jupyter trust FILE`, which ./run_all.sh does for "
+              "the copies it writes.)")
+
+
+def question_box(rag, default_question: str = "Who was Albert Einstein?", top_k: int | None = None):
+    """The question box: a text field (Enter asks), a top-k slider, an Ask button, a status line and the answer.
+
+    The box opens with the answer to `default_question`. Where no widget front end draws it (papermill,
+    nbval, a notebook viewer) it displays as that answer in plain text, with a note saying why. While a
+    question is answered the status line says "answering…"; an error is one red line there, never a
+    traceback. The text typed in the box is only ever passed to `rag.answer` as a string: nothing is evaluated.
     """
     import ipywidgets as w
 
     k = top_k or rag.cfg.top_k
-    print(format_answer(rag.answer(default_question, k)))
-    text = w.Text(value=default_question, placeholder="Ask a question", layout=w.Layout(width="60%"))
+    first = rag.answer(default_question, k)
+    text = w.Text(value=default_question, placeholder="Ask a question, press Enter", layout=w.Layout(width="60%"))
     slider = w.IntSlider(value=k, min=1, max=max(20, k), description="top-k")
     button = w.Button(description="Ask", button_style="primary")
-    out = w.Output()
+    status = w.HTML()
+    answer = w.HTML(answer_html(first))
+    answered = [default_question.strip()]
 
     def ask(_=None) -> None:
-        out.clear_output()
-        with out:
-            from IPython.display import HTML, display
+        question = text.value.strip()
+        if not question:
+            status.value = error_html("type a question first")
+            return
+        status.value, button.disabled = BUSY_HTML, True
+        try:
+            out = rag.answer(question, slider.value)
+        except Exception as e:  # noqa: BLE001 - whatever went wrong, one line in the box
+            status.value = error_html(first_line(e))
+            return
+        finally:
+            button.disabled = False
+        answer.value, status.value = answer_html(out), ""
+        answered[0] = question
 
-            question = text.value.strip()
-            if not question:
-                print("Type a question first.")
-                return
-            display(HTML(answer_html(rag.answer(question, slider.value))))
+    def on_msg(_widget, content, _buffers) -> None:  # the text field sends "submit" when Enter is pressed
+        if isinstance(content, dict) and content.get("event") == "submit":
+            ask()
 
+    def on_edit(change) -> None:  # the answer below belongs to another question now: say so
+        if status.value != BUSY_HTML:
+            status.value = "" if change["new"].strip() == answered[0] else "<small>press Enter (or Ask) to answer this question</small>"
+
+    text.on_msg(on_msg)
+    text.observe(on_edit, "value")
     button.on_click(ask)
-    return w.VBox([w.HBox([text, slider, button]), out])
+    return _question_box_class()([w.HBox([text, slider, button]), status, answer],
+                                 plain=format_answer(first) + "\n\n" + PLAIN_NOTE, parts=(text, slider, button, status, answer))
+
+
+@functools.cache
+def _question_box_class():
+    """The box's class, made on first use (ipywidgets is imported only when a box is made)."""
+    import ipywidgets as w
+
+    class QuestionBox(w.VBox):
+        """A VBox whose plain-text form is the first answer (what a front end without widgets shows)."""
+
+        def __init__(self, children, plain: str, parts: tuple):
+            super().__init__(children)
+            self.plain = plain
+            self.text, self.slider, self.button, self.status, self.answer = parts
+
+        def _repr_mimebundle_(self, **kwargs):
+            data = super()._repr_mimebundle_(**kwargs)
+            if isinstance(data, tuple):  # (data, metadata) in some ipywidgets versions
+                return ({**data[0], "text/plain": self.plain}, *data[1:])
+            return {**(data or {}), "text/plain": self.plain}
+
+    return QuestionBox
 
 
 # ----------------------------------------------------------------------------------------------

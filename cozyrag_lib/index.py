@@ -1,11 +1,12 @@
-"""Stage 3: embed every passage with the retriever and put the vectors in a FAISS index.
+"""Stage 3: embed every passage with the retriever and put the vectors in a FAISS index; BM25 beside it.
 
 Artefacts under `{run_dir}/index/` (one folder, swapped in atomically):
   * `index.faiss`     - the FAISS index (inner product on unit vectors = cosine similarity),
   * `embeddings.npy`  - (N, d) float32, L2-normalised, row i = passage i of `passages/passages.jsonl`,
   * `manifest.json`   - what the index was built from: retriever, dim, passage count and checksum,
                         factory and search settings, `version` (0 here; bumped by each refresh in training),
-  * `config.json`     - the resolved config.
+  * `config.json`     - the resolved config,
+  * `bm25/`           - the BM25 index of the same passages with its own manifest (`cozyrag_lib.bm25`).
 
 The functions are also the training loop's tools for refreshing the index after a retriever phase:
     emb = embed_corpus(retriever, passage_texts(passages), cfg.embed_batch_size)   # every rank
@@ -16,6 +17,7 @@ Reading it back:
     pidx = PassageIndex.load(cfg.paths.index, cfg.paths.passages, cfg.retriever)
     scores, ids = pidx.search_text(retriever, ["Who was Albert Einstein?"], k=4)   # (1, 4) each
     best = pidx.passages[ids[0, 0]]                                               # {"id", "title", "text"}
+    pidx.configure(cfg, cfg.paths.bm25)    # cfg.retrieval: dense, bm25 or hybrid, what retrieval.retrieve uses
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ import datetime
 import hashlib
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,12 +36,16 @@ from tqdm import tqdm  # text bars: they also stream through papermill, where wi
 
 from . import distributed
 from .atomic import atomic_dir, atomic_path
+from .bm25 import Bm25Index, reciprocal_rank_fusion, stem_function
 from .chunking import read_passages
 from .config import index_factory_error
 from .errors import CozyError, faiss_reason
 from .models import autocast, eval_mode, load_retriever, retriever_identity, unwrap
 
 INDEX_FILE = "index.faiss"
+BM25_DIR = "bm25"  # the BM25 index, a folder inside index/ (RunPaths.bm25)
+RETRIEVAL_MODES = ("dense", "bm25", "hybrid")
+HYBRID_DEPTH = 100  # hybrid retrieval fuses the top max(k, HYBRID_DEPTH) of each list
 EMBEDDINGS_FILE = "embeddings.npy"
 MANIFEST_FILE = "manifest.json"
 CONFIG_FILE = "config.json"
@@ -254,8 +260,10 @@ def make_manifest(retriever: str, dim: int, passages_path: str | Path, n_passage
     }
 
 
-def save_index(index_dir: str | Path, faiss_index, embeddings: np.ndarray, manifest: dict, config=None) -> Path:
-    """Write index.faiss, embeddings.npy, manifest.json (and config.json) as one folder, swapped in atomically."""
+def save_index(index_dir: str | Path, faiss_index, embeddings: np.ndarray, manifest: dict, config=None,
+               bm25: Bm25Index | None = None) -> Path:
+    """Write index.faiss, embeddings.npy, manifest.json (and config.json, and the BM25 index as bm25/) as one
+    folder, swapped in atomically."""
     import faiss
 
     index_dir = Path(index_dir)
@@ -265,6 +273,8 @@ def save_index(index_dir: str | Path, faiss_index, embeddings: np.ndarray, manif
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         if config is not None:
             config.save(tmp / CONFIG_FILE)
+        if bm25 is not None:
+            bm25.save(tmp / BM25_DIR, atomic=False)
     return index_dir
 
 
@@ -287,16 +297,23 @@ REBUILD = "rebuild it with the index stage (python -m cozyrag_lib index)"
 
 @dataclass
 class PassageIndex:
-    """A FAISS index with the passages its rows stand for.
+    """A FAISS index with the passages its rows stand for, and how questions are retrieved from them.
 
     `index` (faiss.Index), `passages` (list of {id, title, text}, row i = passage i), `manifest`,
-    `embeddings` ((N, d) memory-mapped, when loaded from disk).
+    `embeddings` ((N, d) memory-mapped, when loaded from disk); `retrieval` ("dense", "bm25" or "hybrid",
+    what `retrieval.retrieve` does by default), `rrf_k`, and the BM25 index (`bm25`, loaded from
+    `bm25_dir` on first use, its tokenizer settings checked against `bm25_stemmer`).
     """
 
     index: Any
     passages: list[dict]
     manifest: dict[str, Any]
     embeddings: np.ndarray | None = None
+    retrieval: str = "dense"
+    rrf_k: int = 60
+    bm25: Bm25Index | None = None
+    bm25_dir: Path | None = None
+    bm25_stemmer: str | None = None  # None: whatever the index was built with
 
     def __len__(self) -> int:
         return self.index.ntotal
@@ -356,13 +373,68 @@ class PassageIndex:
         """`search` for raw questions, embedded with `retriever`."""
         return self.search(embed_texts(retriever, list(questions), batch_size, show_progress=False), k)
 
+    # --- retrieval modes ---------------------------------------------------------------------
+
+    def configure(self, cfg, bm25_dir: str | Path | None) -> "PassageIndex":
+        """Take `retrieval`, `rrf_k` and `bm25_stemmer` from the config; load the BM25 index now when the mode
+        needs it (so a missing or mismatched one fails at load time, not at the first question)."""
+        self.retrieval, self.rrf_k, self.bm25_stemmer = cfg.retrieval, cfg.rrf_k, cfg.bm25_stemmer
+        self.bm25_dir = Path(bm25_dir) if bm25_dir is not None else None
+        if self.retrieval != "dense":
+            self.bm25_index()
+        return self
+
+    def has_bm25(self) -> bool:
+        """True when a BM25 index is loaded or there is one to load."""
+        return self.bm25 is not None or (self.bm25_dir is not None and (self.bm25_dir / MANIFEST_FILE).is_file())
+
+    def bm25_index(self) -> Bm25Index:
+        """The BM25 index, loaded (memory-mapped) on first use and refused if built from other passages or settings."""
+        if self.bm25 is None:
+            if self.bm25_dir is None:
+                raise CozyError(f"retrieval={self.retrieval!r} needs a BM25 index, and this passage index "
+                                f"({self.manifest.get('passages_file', 'in memory')}) has none")
+            self.bm25 = Bm25Index.load(self.bm25_dir, self.manifest.get("passages_sha256"), len(self.passages),
+                                       self.bm25_stemmer)
+        return self.bm25
+
+    def with_retrieval(self, mode: str) -> "PassageIndex":
+        """The same index and passages (shared, not copied) retrieving by `mode`."""
+        if mode not in RETRIEVAL_MODES:
+            raise CozyError(f"retrieval must be one of {', '.join(RETRIEVAL_MODES)}, got {mode!r}")
+        if mode != "dense":
+            self.bm25_index()  # loaded once, shared by both
+        return replace(self, retrieval=mode)
+
+    def search_questions(self, q_emb: np.ndarray, questions: list[str], k: int,
+                         mode: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k passages for questions (their text, and their unit embeddings `q_emb` (n, d)) by `mode`
+        (default `self.retrieval`): (scores (n, k), ids (n, k); -1 = nothing found).
+
+        dense: FAISS cosine. bm25: BM25 scores. hybrid: reciprocal-rank fusion of the top max(k, HYBRID_DEPTH)
+        of both, scores sum(1 / (rrf_k + rank)).
+        """
+        mode = mode or self.retrieval
+        k = min(k, len(self))
+        if mode == "dense":
+            return self.search(q_emb, k)
+        if mode == "bm25":
+            return self.bm25_index().search(questions, k)
+        if mode != "hybrid":
+            raise CozyError(f"retrieval must be one of {', '.join(RETRIEVAL_MODES)}, got {mode!r}")
+        depth = min(len(self), max(k, HYBRID_DEPTH))
+        _, dense_ids = self.search(q_emb, depth)
+        _, bm25_ids = self.bm25_index().search(questions, depth)
+        return reciprocal_rank_fusion([dense_ids, bm25_ids], k, self.rrf_k)
+
 
 # ----------------------------------------------------------------------------------------------
 # the stage
 
 
 def build_index(cfg) -> dict[str, Any]:
-    """The `index` stage: embed `{run_dir}/passages/passages.jsonl` (across ranks under torchrun), rank 0 writes `index/`."""
+    """The `index` stage: embed `{run_dir}/passages/passages.jsonl` (across ranks under torchrun); rank 0 builds
+    the FAISS and the BM25 index and writes `index/` (with `index/bm25/`)."""
     cfg.paths.upgrade()
     passages_path = cfg.paths.passages
     if not passages_path.is_file() or passages_path.stat().st_size == 0:
@@ -376,6 +448,7 @@ def build_index(cfg) -> dict[str, Any]:
         retriever = load_retriever(cfg.retriever, device=str(device), trust_remote_code=cfg.trust_remote_code)
         dim = embedding_dim(retriever)
         new_faiss_index(cfg.index_factory, dim, len(passages))  # a bad factory fails now, not after embedding
+        stem_function(cfg.bm25_stemmer)  # so does a stemmer PyStemmer lacks
         t_embed = time.time()
         with autocast(cfg.precision, device):  # bf16 where fast, as training's index refresh does
             embeddings = embed_corpus(retriever, passage_texts(passages), cfg.embed_batch_size)  # (N, d) on every rank
@@ -385,9 +458,12 @@ def build_index(cfg) -> dict[str, Any]:
             index = make_faiss_index(embeddings, cfg.index_factory, cfg.nprobe, cfg.ef_search)
             manifest = make_manifest(cfg.retriever, dim, passages_path, len(passages), cfg.index_factory,
                                      cfg.nprobe, cfg.ef_search, version=0)
-            index_dir = save_index(cfg.paths.index, index, embeddings, manifest, config=cfg)
+            # BM25 over the same title-led texts, built once (rank 0) and saved inside the same atomic index/
+            bm25 = Bm25Index.build(passage_texts(passages), cfg.bm25_stemmer, manifest["passages_sha256"])
+            index_dir = save_index(cfg.paths.index, index, embeddings, manifest, config=cfg, bm25=bm25)
             summary = {"index_dir": str(index_dir), **manifest, "world_size": distributed.get_world_size(),
-                       "embed_seconds": round(t_embed, 2), "seconds": round(time.time() - t0, 2)}
-        distributed.barrier()  # other ranks may read index/ only once rank 0 has swapped it in
+                       "embed_seconds": round(t_embed, 2), "bm25_seconds": bm25.manifest["build_seconds"],
+                       "bm25_bytes": bm25.manifest["bytes"], "seconds": round(time.time() - t0, 2)}
+        distributed.barrier()  # other ranks may read index/ (FAISS and BM25) only once rank 0 has swapped it in
         return distributed.broadcast_object(summary)
 

@@ -428,19 +428,26 @@ def lm_supervised_retriever_loss(scores: Tensor, answer_logprob: Tensor, tau: fl
 
 
 def gold_passage_loss(q: Tensor, pos: Tensor, negatives: Tensor | None = None, temperature: float = 0.1,
-                      negatives_mask: Tensor | None = None) -> Tensor:
+                      negatives_mask: Tensor | None = None, pos_ids: Tensor | None = None,
+                      negative_ids: Tensor | None = None) -> Tensor:
     """InfoNCE toward a known gold passage, against the other items' gold passages and hard negatives.
 
     Question i's candidates are every gold passage in the batch (its own is the target) and every
     hard negative in the batch (all B * M of them, as in multiple-negatives ranking). With
     negatives=None it equals `contrastive_retriever_loss(q, pos)`.
 
+    With passage ids, no candidate that IS question i's gold passage counts as a negative for i: not
+    another row's copy of the same gold (SQuAD asks several questions per paragraph), not a hard negative some
+    other row retrieved. Without ids every other column is a negative, duplicates included.
+
     Args:
         q: (B, d) L2-normalised question embeddings.
         pos: (B, d) L2-normalised gold passage embeddings.
-        negatives: (B, M, d) L2-normalised hard negatives (retrieved passages that are not gold), or None.
+        negatives: (B, M, d) L2-normalised hard negatives (retrieved passages), or None.
         temperature: softmax temperature.
         negatives_mask: (B, M) bool, False for missing negatives (None: all present).
+        pos_ids: (B,) passage id (row) of each gold passage.
+        negative_ids: (B, M) passage id of each hard negative (needs pos_ids).
 
     Example:
         >>> q = torch.eye(2)
@@ -449,10 +456,19 @@ def gold_passage_loss(q: Tensor, pos: Tensor, negatives: Tensor | None = None, t
         True
     """
     B = len(q)
+    target = torch.arange(B, device=q.device)
     scores = q @ pos.T / temperature  # (B, B)
+    drop = torch.zeros_like(scores, dtype=torch.bool)  # (B, columns) True: not a negative of row i
+    if pos_ids is not None:  # another row's copy of my gold passage
+        pos_ids = pos_ids.to(q.device)
+        drop = (pos_ids[None, :] == pos_ids[:, None]) & (target[None, :] != target[:, None])
     if negatives is not None:
         neg_scores = q @ negatives.reshape(-1, negatives.shape[-1]).T / temperature  # (B, B*M)
-        if negatives_mask is not None:
-            neg_scores = neg_scores.masked_fill(~negatives_mask.reshape(1, -1), torch.finfo(neg_scores.dtype).min)
-        scores = torch.cat([scores, neg_scores], dim=1)  # (B, B + B*M)
-    return F.cross_entropy(scores, torch.arange(B, device=q.device))
+        neg_drop = torch.zeros_like(neg_scores, dtype=torch.bool)
+        if negatives_mask is not None:  # missing negatives, for every row
+            neg_drop |= ~negatives_mask.to(q.device).reshape(1, -1)
+        if pos_ids is not None and negative_ids is not None:  # a hard negative (anyone's) that is my gold
+            neg_drop |= negative_ids.to(q.device).reshape(1, -1) == pos_ids[:, None]
+        scores, drop = torch.cat([scores, neg_scores], dim=1), torch.cat([drop, neg_drop], dim=1)  # (B, B + B*M)
+    scores = scores.masked_fill(drop, torch.finfo(scores.dtype).min)
+    return F.cross_entropy(scores, target)

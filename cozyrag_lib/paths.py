@@ -4,6 +4,7 @@
         qa/           train.jsonl validation.jsonl test.jsonl   config.json summary.json   stage 1 (prepare-qa)
         passages/     passages.jsonl                            config.json summary.json   stage 2 (chunk)
         index/        index.faiss embeddings.npy manifest.json  config.json                stage 3 (index)
+          bm25/       bm25s' arrays, vocab and params, manifest.json                       (BM25, same stage)
         train/        metrics.jsonl val_answers.jsonl checkpoints/last/  config.json       stage 4 (train)
         final/        generator/ retriever/ index/                                         the trained models
         eval/, plots/                                                                      evaluate, notebook 05
@@ -69,6 +70,11 @@ class RunPaths:
     @property
     def index(self) -> Path:
         return self.root / "index"
+
+    @property
+    def bm25(self) -> Path:
+        """The BM25 index beside the FAISS one; the trained run's refreshed final/index shares it (same passages)."""
+        return self.index / "bm25"
 
     # stage 4
     @property

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
+from .bm25 import Bm25Index
 from .chunking import read_passages
 from .cli import locate_run, parse_command, run_spec
 from .config import Config, load_config
@@ -110,7 +111,8 @@ class RAG:
         if corpus is not None:
             pindex = temporary_index(passage_encoder, corpus, cfg)
         else:
-            pindex = PassageIndex.load(index_dir, paths.passages, retriever=ret_spec)
+            # the trained run's refreshed final/index and the base index share the stage-3 BM25 (same passages)
+            pindex = PassageIndex.load(index_dir, paths.passages, retriever=ret_spec).configure(cfg, paths.bm25)
         name = f"{'base' if base else 'trained'}:{run_dir.name}"
         return cls(cfg, generator, tokenizer, retriever, pindex, name,
                    SentenceCache(passage_encoder, cfg.embed_batch_size), passage_encoder)
@@ -118,6 +120,14 @@ class RAG:
     @property
     def device(self) -> torch.device:
         return next(self.generator.parameters()).device
+
+    def with_retrieval(self, mode: str) -> "RAG":
+        """This pipeline retrieving by `mode` ("dense", "bm25" or "hybrid"): models, index and caches shared.
+
+        >>> bm25 = rag.with_retrieval("bm25")   # doctest: +SKIP
+        """
+        return replace(self, cfg=replace(self.cfg, retrieval=mode), pindex=self.pindex.with_retrieval(mode),
+                       name=f"{self.name}+{mode}")
 
     # ------------------------------------------------------------------------------------------
     def answer(self, question: str, top_k: int | None = None, mode: str = "rag", context: str | None = None) -> dict:
@@ -202,7 +212,9 @@ def temporary_index(retriever, corpus: str | Path, cfg: Config):
     emb = embed_texts(retriever, passage_texts(passages), cfg.embed_batch_size)  # (N, d)
     manifest = {"retriever": "in-memory", "dim": int(emb.shape[1]), "passages": len(passages),
                 "index_factory": "Flat", "version": 0, "passages_file": str(corpus)}
-    return PassageIndex(index=make_faiss_index(emb, "Flat"), passages=passages, manifest=manifest, embeddings=emb)
+    bm25 = Bm25Index.build(passage_texts(passages), cfg.bm25_stemmer)  # ~1 s per 10,000 passages
+    return PassageIndex(index=make_faiss_index(emb, "Flat"), passages=passages, manifest=manifest, embeddings=emb,
+                        bm25=bm25).configure(cfg, None)
 
 
 _LOADED: dict[tuple, RAG] = {}

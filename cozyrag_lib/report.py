@@ -45,8 +45,9 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence], align: str =
     return "\n".join(lines)
 
 
-def summary_table(summaries: Sequence[dict], keys: Sequence[str] = ("model", "mode", "n", "em", "f1", "answer_recall@5",
-                                                                      "title_recall@5", "latency_p50_s")) -> str:
+def summary_table(summaries: Sequence[dict], keys: Sequence[str] = ("model", "mode", "retrieval", "n", "em", "f1",
+                                                                      "top5_accuracy", "answer_recall@5", "title_recall@5",
+                                                                      "latency_p50_s")) -> str:
     """A markdown table of evaluation summaries ('-' where a metric does not apply)."""
     return markdown_table(keys, [[s.get(k) for k in keys] for s in summaries])
 
@@ -112,12 +113,16 @@ def qtype_split_table(summary: dict) -> str:
                           align="ll" + "r" * len(SPLITS))
 
 
+_KIND_NAMES = {"top_accuracy": "top-k accuracy (DPR)", "evidence_recall": "evidence", "answer_recall": "answer",
+               "title_recall": "title"}
+
+
 def recall_table(curves: dict[str, dict]) -> str:
     """A markdown table of `recall_at_ks` curves: one row per (retriever, kind), one column per k."""
     ks = next(iter(curves.values()))["k"]
     return markdown_table(["retriever", "recall", *(f"@{k}" for k in ks)],
-                          [[name, kind.split("_")[0], *map(float, c[kind])] for name, c in curves.items()
-                           for kind in ("evidence_recall", "answer_recall", "title_recall") if kind in c])
+                          [[name, _KIND_NAMES[kind], *map(float, c[kind])] for name, c in curves.items()
+                           for kind in _KIND_NAMES if kind in c])
 
 
 def passages_table(passages: Sequence[dict], n: int = 6, chars: int = 160) -> str:
@@ -146,17 +151,25 @@ def save_figure(fig, path: str | Path) -> Path:
 
 
 def plot_recall(curves: dict[str, dict], path: str | Path | None = None):
-    """Recall@k against k, one colour per retriever: gold evidence found (solid; training's val_recall),
-    a gold answer in a passage (dashed)."""
+    """Two panels against k, one line per retriever (e.g. dense (base), dense (trained), BM25, hybrid): DPR's
+    top-k accuracy (a passage `has_answer`; CoZyRAG's stricter answer recall for curves without it), and
+    gold evidence found (training's val_recall)."""
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    dpr = all("top_accuracy" in c for c in curves.values())
     for label, c in curves.items():
-        line, = ax.plot(c["k"], c["evidence_recall"], marker="o", label=f"{label}: gold evidence")
-        ax.plot(c["k"], c["answer_recall"], marker="s", ls="--", color=line.get_color(), label=f"{label}: answer in passage")
-    ax.set(xlabel="k (passages retrieved)", ylabel="recall@k", ylim=(0, 1.02), title="Retrieval recall on the test split")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+        axes[0].plot(c["k"], c["top_accuracy"] if dpr else c["answer_recall"], marker="o", label=label)
+        axes[1].plot(c["k"], c["evidence_recall"], marker="s", label=label)
+    axes[0].set(title="top-k accuracy (DPR: a passage has the answer)" if dpr else "answer in a passage (SQuAD-normalised)",
+                ylabel="share of test questions", ylim=(0, 1.02))
+    axes[1].set(title="gold evidence in the top k (val_recall)")
+    for ax in axes:
+        ax.set_xscale("log")
+        ax.set_xticks(curves[next(iter(curves))]["k"], [str(k) for k in curves[next(iter(curves))]["k"]])
+        ax.set_xlabel("k (passages retrieved)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     if path:
         save_figure(fig, path)
     return fig
@@ -221,6 +234,8 @@ def plot_metrics(run_dir: str | Path):
     curve(axes[2], "val_loss", evals, marker="o")
     for k in ("val_recall@5", "val_answer_recall@5", "val_title_recall@5", "val_recall@1", "val_context_has_answer"):
         curve(axes[3], k, evals, marker="o")
+    for mode in ("bm25", "hybrid"):  # runs with a BM25 index log every retrieval mode side by side
+        curve(axes[3], f"val_recall@5_{mode}", evals, marker="x", ls="--")
     for ax, title in zip(axes, ["training loss", "generator penalties (unweighted)", "validation answer NLL",
                                 "validation retrieval"]):
         ax.set_title(title)

@@ -34,10 +34,14 @@ CHAT = "chat"  # prompt_template value that uses the tokenizer's chat template
 # retrieval
 
 
-def retrieve(retriever, pindex, questions: Sequence[str], k: int, batch_size: int = 64, show_progress: bool = False):
+def retrieve(retriever, pindex, questions: Sequence[str], k: int, batch_size: int = 64, show_progress: bool = False,
+             mode: str | None = None):
     """Top-k passages per question: (q_emb (n, d), scores (n, k), ids (n, k); id -1 = nothing found).
 
-    Questions are encoded a batch at a time and each batch is ONE FAISS search.
+    mode: "dense" (FAISS), "bm25" or "hybrid" (reciprocal-rank fusion of both); None = the index's
+    `retrieval` (the config key, set when the index was loaded), so every caller follows one setting.
+    Questions are encoded a batch at a time (in every mode: the embeddings rank context sentences) and
+    each batch is ONE search per list (`PassageIndex.search_questions`).
     """
     n = len(questions)
     dim, k = pindex.index.d, min(k, len(pindex))
@@ -48,7 +52,8 @@ def retrieve(retriever, pindex, questions: Sequence[str], k: int, batch_size: in
                   disable=not (show_progress and distributed.is_main_process() and len(starts) > 1)):
         q = embed_texts(retriever, list(questions[s:s + batch_size]), batch_size, show_progress=False)  # (b, d)
         q_emb[s:s + len(q)] = q
-        scores[s:s + len(q)], ids[s:s + len(q)] = pindex.search(q, k)  # one search per batch
+        scores[s:s + len(q)], ids[s:s + len(q)] = pindex.search_questions(q, list(questions[s:s + batch_size]), k,
+                                                                          mode)  # one search per batch
     return q_emb, scores, ids
 
 

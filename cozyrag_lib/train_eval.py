@@ -13,6 +13,10 @@ Evaluation (step 0, every `eval_every` steps, each phase end) on `max_val_qa` va
     val_title_recall@5   among questions that name their article (`title`), share with a top-5 passage
                          from that article
     val_context_has_answer  among extractive questions, share whose built context still holds a gold answer
+The keys above use the run's `retrieval` mode. When the run has a BM25 index, every mode is also reported
+side by side (the retriever phase trains only the dense side; BM25 does not move, hybrid follows dense):
+    val_recall@5_{dense,bm25,hybrid}          val_recall@5 by that mode
+    val_top{5,20}_accuracy_{dense,bm25,hybrid} DPR top-k accuracy (`metrics.has_answer`) by that mode
 """
 from __future__ import annotations
 
@@ -28,9 +32,10 @@ from tqdm import tqdm  # text bars: they also stream through papermill, where wi
 from . import distributed
 from .config import Config
 from .generate import generate_answers
-from .index import embed_corpus, make_faiss_index, passage_texts
+from .index import RETRIEVAL_MODES, embed_corpus, make_faiss_index, passage_texts
 from .jsonio import truncate_jsonl
-from .metrics import answer_in_text, answer_recall_at_k, evidence_recall_at_k, is_extractive, title_recall_at_k
+from .metrics import (answer_in_text, answer_recall_at_k, evidence_recall_at_k, is_extractive, title_recall_at_k,
+                      top_k_accuracy)
 from .models import eval_mode
 from .retrieval import CHAT, build_contexts, collate, encode_example, format_prompt, retrieve, to_device
 from .train_data import contexts_for, sentence_cache, sharded
@@ -48,23 +53,29 @@ def estimate_loss(run: Run) -> dict:
     if not items:
         return {}
     key = run.versions
+    modes = RETRIEVAL_MODES if run.pindex.has_bm25() else (run.pindex.retrieval,)
     if key not in run.val_cache:  # retrieval depends only on the retriever and the index: cached per version
         def work(share: range) -> dict:
             mine = items[share.start:share.stop]
-            with run.autocast():
-                _, _, ids = retrieve(run.retriever, run.pindex, [it["question"] for it in mine], max(5, cfg.top_k),
-                                     cfg.embed_batch_size)
-            out = {}
-            for it, row in zip(mine, ids):
-                top = [passages[j] for j in row[:5] if j >= 0]
-                texts, titles = [p["text"] for p in top], [p["title"] for p in top]
-                out[it["id"]] = (evidence_recall_at_k(it, top, 5), evidence_recall_at_k(it, top, 1),
-                                 answer_recall_at_k(it["answers"], texts, 5),
-                                 title_recall_at_k(it["title"], titles, 5) if it.get("title") else None)
+            questions = [it["question"] for it in mine]
+            out = {it["id"]: {} for it in mine}
+            for mode in modes:
+                with run.autocast():
+                    _, _, ids = retrieve(run.retriever, run.pindex, questions, 20, cfg.embed_batch_size, mode=mode)
+                for it, row in zip(mine, ids):
+                    top = [passages[j] for j in row if j >= 0]  # (20,)
+                    texts, titles = [p["text"] for p in top], [p["title"] for p in top]
+                    out[it["id"]][mode] = (evidence_recall_at_k(it, top, 5), top_k_accuracy(it["answers"], texts, 5),
+                                           top_k_accuracy(it["answers"], texts, 20))
+                    if mode == run.pindex.retrieval:  # the run's own mode: the keys training always logged
+                        out[it["id"]]["run"] = (evidence_recall_at_k(it, top, 5), evidence_recall_at_k(it, top, 1),
+                                                answer_recall_at_k(it["answers"], texts, 5),
+                                                title_recall_at_k(it["title"], titles, 5) if it.get("title") else None)
             return out
 
         run.val_cache = {key: sharded(work, len(items))}
-    hits = run.val_cache[key]
+    by_mode = run.val_cache[key]
+    hits = {i: h["run"] for i, h in by_mode.items()}
     contexts = contexts_for(run, items, cfg.train_max_sentences)
     extractive = [it for it in items if is_extractive(it)]
     in_context = [answer_in_text(it["answers"], contexts[it["id"]]) for it in extractive]  # survived the cuts?
@@ -89,7 +100,20 @@ def estimate_loss(run: Run) -> dict:
             "val_recall@1": sum(h[1] for h in hits.values()) / n,
             "val_answer_recall@5": sum(h[2] for h in hits.values()) / n,
             "val_title_recall@5": sum(titled) / len(titled) if titled else None,
-            "val_context_has_answer": sum(in_context) / len(in_context) if in_context else None}
+            "val_context_has_answer": sum(in_context) / len(in_context) if in_context else None,
+            **side_by_side(by_mode, modes)}
+
+
+def side_by_side(by_mode: dict, modes) -> dict:
+    """val_recall@5_{mode}, val_top5_accuracy_{mode}, val_top20_accuracy_{mode} for each retrieval mode (when the
+    run has a BM25 index; with one mode only the run's own keys are logged)."""
+    if len(modes) < 2:
+        return {}
+    n, out = len(by_mode), {}
+    for mode in modes:
+        for j, name in enumerate(("val_recall@5", "val_top5_accuracy", "val_top20_accuracy")):
+            out[f"{name}_{mode}"] = sum(h[mode][j] for h in by_mode.values()) / n
+    return out
 
 
 def answer_val_questions(run: Run) -> list[dict]:

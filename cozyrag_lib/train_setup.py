@@ -63,10 +63,11 @@ def load_models(cfg: Config, device: torch.device, ckpt):
 
 
 def load_passage_index(cfg: Config, retriever, ckpt) -> PassageIndex:
-    """The stage-3 index, or the refreshed one a resumed run had reached."""
+    """The stage-3 index, or the refreshed one a resumed run had reached; every rank reads the stage-3 BM25 index
+    (when `retrieval` needs it at once, else on first use: validation reports all three modes when it exists)."""
     paths = cfg.paths
     pindex = PassageIndex.load(paths.index, paths.passages, retriever=None if ckpt else cfg.retriever,
-                               expected_dim=embedding_dim(retriever))
+                               expected_dim=embedding_dim(retriever)).configure(cfg, paths.bm25)
     if ckpt and (ckpt / "embeddings.npy").is_file():
         pindex.embeddings = np.load(ckpt / "embeddings.npy")
         pindex.index = make_faiss_index(pindex.embeddings, cfg.index_factory, cfg.nprobe, cfg.ef_search)

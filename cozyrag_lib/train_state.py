@@ -87,7 +87,7 @@ class Run:
     state: TrainState = field(default_factory=TrainState)
     phase_data: dict | None = None  # contexts / candidates of the current phase's questions
     sentence_cache: SentenceCache | None = None
-    context_cache: dict = field(default_factory=dict)  # (retriever version, index version, n sentences) -> {id: context}
+    context_cache: dict = field(default_factory=dict)  # (retriever v., index v., n sentences, retrieval) -> {id: context}
     val_cache: dict = field(default_factory=dict)  # (retriever version, index version) -> retrieval results
     log: Any = None  # MetricsLog
 

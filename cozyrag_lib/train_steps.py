@@ -198,8 +198,10 @@ def retriever_loss(run: Run, batch: dict) -> tuple[torch.Tensor, dict]:
     loss = kl
     if g is not None:  # InfoNCE toward the known gold passage, retrieved non-gold passages as hard negatives
         h = has_gold.to(q.device)
-        neg_mask = (valid & (cand != gold[:, None])).to(q.device)[h]
-        gp = gold_passage_loss(q[h], g, p_full[h], cfg.retriever_temperature, negatives_mask=neg_mask)
+        # by passage id, no row's gold counts as its negative: neither a duplicate of it in the batch nor a hard
+        # negative any row retrieved
+        gp = gold_passage_loss(q[h], g, p_full[h], cfg.retriever_temperature, negatives_mask=valid.to(q.device)[h],
+                               pos_ids=gold[has_gold], negative_ids=cand[has_gold])
         parts["gold_passage"] = gp.detach()
         loss = loss + gp
     return loss, {"loss": loss.detach(), "retriever_loss": loss.detach(), **parts}

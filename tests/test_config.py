@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -173,13 +174,65 @@ def test_notebook_config_rejects_a_wrong_type():
         notebook_config(_notebook_globals(preset="tiny", top_k="many"))
 
 
-def test_notebook_preset_none_falls_back_to_environment_then_demo(monkeypatch):
+def test_notebook_preset_none_falls_back_to_environment_then_demo(monkeypatch, tmp_path, capsys):
+    monkeypatch.chdir(tmp_path)  # no outputs/runs here
     monkeypatch.delenv("COZYRAG_PRESET", raising=False)
     assert notebook_config(_notebook_globals(preset=None)).run_name == "demo"
+    assert capsys.readouterr().out.startswith("preset demo (the default: no preset parameter, no $COZYRAG_PRESET")
     monkeypatch.setenv("COZYRAG_PRESET", "tiny")
     assert notebook_config(_notebook_globals(preset=None)).run_name == "tiny"
+    assert capsys.readouterr().out == "preset tiny (from $COZYRAG_PRESET)\n"
     # a preset the notebook (or papermill) names explicitly wins over the environment
     assert notebook_config(_notebook_globals(preset="hpc")).run_name == "hpc"
+    assert capsys.readouterr().out == "preset hpc (the notebook's preset parameter)\n"
+
+
+def test_notebook_preset_none_continues_the_most_recent_run(monkeypatch, tmp_path, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("COZYRAG_PRESET", raising=False)
+    old = load_config("hpc", run_name="old")
+    old.save(old.paths.config(old.paths.qa))
+    mine = load_config("tiny", run_name="mine", max_articles=50)
+    for i, stage in enumerate((mine.paths.qa, mine.paths.passages_dir)):
+        mine.save(mine.paths.config(stage))
+        os.utime(mine.paths.config(stage), (2e9 + i, 2e9 + i))  # newer than the hpc run
+    (tmp_path / "outputs" / "runs" / "junk").mkdir()  # a folder without configs is no run
+    cfg = notebook_config(_notebook_globals(preset=None, top_k=7, run_name=None))
+    # the run's own settings (its run_name and max_articles too), the notebook's parameters on top
+    assert (cfg.preset, cfg.run_name, cfg.max_articles, cfg.top_k) == ("tiny", "mine", 50, 7)
+    out = capsys.readouterr().out
+    assert out.startswith("preset tiny: the settings of the most recent run, outputs/runs/mine (passages/config.json, ")
+    # the environment and the parameter still win over the run
+    monkeypatch.setenv("COZYRAG_PRESET", "demo")
+    assert notebook_config(_notebook_globals(preset=None)).run_name == "demo"
+    assert notebook_config(_notebook_globals(preset="hpc")).run_name == "hpc"
+
+
+def test_latest_run_skips_a_config_it_cannot_read(tmp_path, capsys):
+    from cozyrag_lib.config import latest_run
+
+    assert latest_run(tmp_path / "nowhere") is None
+    good = load_config("tiny", out_root=str(tmp_path), run_name="good")
+    good.save(good.paths.config(good.paths.qa))
+    bad = good.paths.config(load_config("tiny", out_root=str(tmp_path), run_name="bad").paths.qa)
+    bad.parent.mkdir(parents=True)
+    bad.write_text('{"top_kk": 3}')
+    os.utime(bad, (2e9, 2e9))
+    path, values = latest_run(tmp_path)
+    assert path == good.paths.config(good.paths.qa) and values["run_name"] == "good"
+    out = capsys.readouterr().out
+    assert out.startswith(f"note: {bad}: skipped") and "unknown config key 'top_kk'" in out
+
+
+def test_load_config_records_the_preset_and_a_resolved_copy_keeps_it(tmp_path):
+    from cozyrag_lib.launch import config_toml
+
+    cfg = load_config("tiny", top_k=3)
+    assert cfg.preset == "tiny"
+    toml = tmp_path / "launch.toml"
+    toml.write_text(config_toml(cfg))
+    assert load_config(str(toml)) == cfg  # the preset named inside the file, not the file's path
+    assert load_config(None).preset == ""
 
 
 # ----------------------------------------------------------------------------------------------

@@ -28,15 +28,101 @@ def test_answer_html_highlights_chosen_sentences_and_escapes():
     h = answer_html(OUT)
     assert "<mark>Ann wrote it.</mark>" in h and "<mark>Cats sleep.</mark>" not in h
     assert "Ann &lt;b&gt;" in h  # model output is escaped, never rendered as markup
+    assert "Q: Who wrote it?" in h  # the answer says which question it answers
 
 
-def test_question_box_prints_plain_answer_without_front_end(capsys):
+def test_question_box_shows_a_plain_answer_without_front_end():
     rag = FakeRAG()
     box = question_box(rag, "What __import__('os')?")
-    printed = capsys.readouterr().out
-    assert "A: Ann <b>" in printed and "[1] 0.900  Books" in printed
     assert rag.asked == [("What __import__('os')?", 3)]  # the text is passed on as a string, never evaluated
-    assert type(box).__name__ == "VBox"
+    bundle = box._repr_mimebundle_()
+    bundle = bundle[0] if isinstance(bundle, tuple) else bundle
+    plain = bundle["text/plain"]  # what papermill, nbval and viewers without widgets show
+    assert "A: Ann <b>" in plain and "[1] 0.900  Books" in plain and "./run_all.sh lab" in plain
+    assert "application/vnd.jupyter.widget-view+json" in bundle  # and the box where widgets are drawn
+    assert "Q: What __import__(&#x27;os&#x27;)?" in box.answer.value and box.status.value == ""
+
+
+def _press_enter(box):
+    box.text._handle_custom_msg({"event": "submit"}, [])  # what the front end sends on Enter
+
+
+def test_question_box_enter_asks_and_the_answer_names_its_question():
+    rag = FakeRAG()
+    box = question_box(rag, "Who wrote it?")
+    box.text.value = "Who wrote it? | really"
+    assert "press Enter" in box.status.value  # the answer below is to the old question: said so
+    seen = []
+    rag.answer = lambda q, k=None: (seen.append(box.status.value), {**OUT, "question": q})[1]
+    _press_enter(box)
+    assert seen == ["<i>answering…</i>"]  # the status while it runs
+    assert "Q: Who wrote it? | really" in box.answer.value and box.status.value == ""
+    box.slider.value = 5
+    box.button.click()  # the button asks the same way
+    assert len(seen) == 2 and not box.button.disabled
+
+
+def test_question_box_shows_errors_as_one_red_line():
+    rag = FakeRAG()
+    box = question_box(rag, "Who wrote it?")
+    before = box.answer.value
+
+    def broken(question, top_k=None):
+        raise RuntimeError("CUDA out of memory.\nTraceback (most recent call last): ...")
+
+    rag.answer = broken
+    _press_enter(box)
+    assert box.status.value == "<span style='color:#c62828'>error: CUDA out of memory.</span>"
+    assert box.answer.value == before and not box.button.disabled
+    box.text.value = "   "
+    _press_enter(box)
+    assert "type a question first" in box.status.value
+
+
+BOX_CELL = """from types import SimpleNamespace
+from cozyrag_lib.explore import question_box
+
+class Fake:
+    cfg = SimpleNamespace(top_k=2)
+
+    def answer(self, question, top_k=None):
+        return {"question": question, "answer": "Ann", "context_sentences": ["Ann wrote it."],
+                "passages": [{"id": "p1", "title": "Books", "text": "Ann wrote it. Cats sleep.", "score": 0.9}],
+                "timings": {"retrieve_s": 0.0, "context_s": 0.0, "generate_s": 0.0, "total_s": 0.0}}
+
+question_box(Fake(), "Who wrote it?")"""
+
+
+def executed_box_notebook(tmp_path):
+    """A notebook holding only a question box (on a stand-in RAG), executed by papermill as run_all.sh does."""
+    import subprocess
+    import sys
+
+    import nbformat
+    from nbformat.v4 import new_code_cell, new_notebook
+
+    src, out = tmp_path / "box.ipynb", tmp_path / "box_out.ipynb"
+    nb = new_notebook(cells=[new_code_cell(BOX_CELL)],
+                      metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
+    nbformat.write(nb, src)
+    r = subprocess.run([sys.executable, "-m", "papermill", str(src), str(out), "-k", "python3"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return out
+
+
+def test_an_executed_copy_keeps_the_box(tmp_path):
+    import nbformat
+
+    nb = nbformat.read(executed_box_notebook(tmp_path), as_version=4)
+    result = nb.cells[0].outputs[-1]
+    view = result["data"]["application/vnd.jupyter.widget-view+json"]
+    state = nb.metadata["widgets"]["application/vnd.jupyter.widget-state+json"]["state"]
+    assert view["model_id"] in state  # the box's own model is stored, so JupyterLab draws it from the file
+    html_values = [m["state"].get("value", "") for m in state.values() if m["model_name"] == "HTMLModel"]
+    assert any("Q: Who wrote it?" in v and "<mark>Ann wrote it.</mark>" in v for v in html_values)
+    # and a viewer without widgets shows the answer as text, saying why
+    assert "A: Ann" in result["data"]["text/plain"] and "./run_all.sh lab" in result["data"]["text/plain"]
 
 
 def test_summary_table():

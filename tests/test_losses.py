@@ -326,6 +326,44 @@ def test_gold_passage_loss_with_hard_negatives_matches_hand_computed():
     assert gold_passage_loss(q, pos, neg, negatives_mask=neg_mask).item() == pytest.approx((row0 + row1) / 2, rel=1e-5)
 
 
+def test_gold_passage_loss_never_pushes_a_question_away_from_its_gold_by_passage_id():
+    """Rows 0 and 1 share gold passage 7 (SQuAD: several questions per paragraph); row 2 (gold 9) retrieved
+    passage 7 as a hard negative, row 0 retrieved passage 9. No row may count its own gold as a negative."""
+    e = torch.eye(3)
+    q = F.normalize(torch.stack([e[0] + 0.3 * e[1], e[0] - 0.3 * e[1], e[2]]), dim=1).requires_grad_()
+    # every copy of a passage is its own leaf, so the gradient each copy gets can be read
+    g7_row0, g7_row1, g9_row2, g9_neg0, g7_neg2 = (e[i].clone().requires_grad_() for i in (0, 0, 2, 2, 0))
+    other = F.normalize(e[1] - e[0], dim=0)  # passage 5: a real negative for everyone
+    pos, pos_ids = torch.stack([g7_row0, g7_row1, g9_row2]), torch.tensor([7, 7, 9])
+    neg = torch.stack([torch.stack([g9_neg0, other]), torch.stack([other, other]), torch.stack([g7_neg2, other])])
+    neg_ids = torch.tensor([[9, 5], [5, 5], [7, 5]])
+
+    loss = gold_passage_loss(q, pos, neg, temperature=0.5, pos_ids=pos_ids, negative_ids=neg_ids)
+    # by hand: each row's candidates are its gold once plus every column that is not its gold
+    cols, ids = torch.cat([pos, neg.reshape(-1, 3)]).detach(), torch.cat([pos_ids, neg_ids.reshape(-1)])
+    ref = 0.0
+    for i in range(3):
+        keep = (ids != pos_ids[i]) | (torch.arange(len(ids)) == i)  # its own gold column, once
+        s = q[i].detach() @ cols[keep].T / 0.5
+        ref += -(s[int(keep[:i].sum())] - torch.logsumexp(s, 0)) / 3  # the target is column i among those kept
+    assert loss.item() == pytest.approx(float(ref), rel=1e-5)
+
+    loss.backward()
+    # no copy of passage 7 is pushed away from question 0 or 1: a gradient step never lowers q_i . copy
+    for copy_ in (g7_row0, g7_row1, g7_neg2):
+        for i in (0, 1):
+            assert float(copy_.grad @ q[i].detach()) <= 1e-7
+    assert float(g9_neg0.grad @ q[2].detach()) <= 1e-7  # nor passage 9 (row 0's hard negative) from question 2
+    step = q.detach() - 0.1 * q.grad
+    for i in (0, 1):  # and both questions move toward their shared gold (question 2 already points at its own)
+        assert step[i] @ pos[i].detach() / step[i].norm() > q[i].detach() @ pos[i].detach()
+
+    # without ids the same batch pushes the questions away from their own gold: the old behaviour
+    q.grad = g7_neg2.grad = None
+    gold_passage_loss(q, pos, neg, temperature=0.5).backward()
+    assert float(g7_neg2.grad @ q[0].detach()) > 1e-3 and float(g7_neg2.grad @ q[1].detach()) > 1e-3
+
+
 def test_lm_supervised_loss_equals_kl_and_masks_candidates():
     torch.manual_seed(0)
     scores = torch.randn(3, 4, requires_grad=True)

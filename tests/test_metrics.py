@@ -3,8 +3,9 @@ import math
 
 import pytest
 
-from cozyrag_lib.metrics import (answer_in_text, answer_recall_at_k, evidence_recall_at_k, exact_match, f1_score,
-                                 normalize_answer, percentile, title_recall_at_k)
+from cozyrag_lib.metrics import (answer_in_text, answer_rank, answer_recall_at_k, dpr_tokens, evidence_recall_at_k,
+                                 exact_match, f1_score, has_answer, normalize_answer, percentile, title_recall_at_k,
+                                 top_k_accuracy)
 
 
 @pytest.mark.parametrize("raw, norm", [
@@ -36,6 +37,15 @@ def test_f1_hand_computed():
     assert f1_score("x y y", ["y"]) == pytest.approx(0.5)
     assert f1_score("nothing here", ["Denver"]) == 0.0
     assert f1_score("", ["Denver"]) == 0.0
+
+
+@pytest.mark.parametrize("prediction, gold", [("", ""), ("the", "a"), ("?!", "."), ("", "the")])
+def test_both_empty_after_normalising_is_em_1_but_f1_0_as_in_squad_v11(prediction, gold):
+    """The official v1.1 script: EM compares the normalised strings (equal), F1 finds no common token (0).
+    The v2.0 script would give F1 1.0 here."""
+    assert exact_match(prediction, [gold]) == 1.0
+    assert f1_score(prediction, [gold]) == 0.0
+    assert f1_score("", ["the", "Denver"]) == 0.0  # the max over golds does not bring the v2.0 rule back
 
 
 def test_answer_in_text_respects_word_boundaries():
@@ -72,3 +82,37 @@ def test_evidence_recall_picks_the_hit_kind_per_item():
     assert evidence_recall_at_k({**builtin, "title": "Lyon"}, passages, 2) == 0.0
     # no title, no context: a passage holding the answer
     assert evidence_recall_at_k({"answers": ["capital"]}, passages, 1) == 1.0
+
+
+# ---- DPR's has_answer / top-k accuracy, where it differs from CoZyRAG's answer recall ----------------
+
+
+@pytest.mark.parametrize("gold, text, dpr, ours", [
+    ("Einstein", "Einstein's theory of relativity", True, False),  # "'" is its own DPR token; SQuAD drops it
+    ("three", "a three-fold increase", True, False),               # "-" splits for DPR, is deleted by SQuAD
+    ("11", "open 4–11 daily", True, False),                        # the en dash is not ASCII punctuation
+    ("art", "start the engine", False, False),                     # neither matches inside a word
+    (".", "It ends here.", True, False),                           # "." is a DPR token; SQuAD normalises it away
+    (".", "no full stop", False, False),
+    ("Eiffel Tower", "the eiffel tower, Paris", True, True),       # case-folded by both
+    ("Tower Eiffel", "the Eiffel Tower", False, False),            # contiguous and in order
+    ("café", "Cafe\u0301 de Flore", True, False),                 # NFD: a precomposed and a combining accent agree
+])
+def test_has_answer_against_the_squad_normalised_match(gold, text, dpr, ours):
+    assert has_answer([gold], text) is dpr
+    assert answer_in_text([gold], text) is ours
+
+
+def test_dpr_tokens_follow_the_simple_tokenizer():
+    assert dpr_tokens("Einstein's") == ["einstein", "'", "s"]
+    assert dpr_tokens("three-fold, 4–11.") == ["three", "-", "fold", ",", "4", "–", "11", "."]
+    assert dpr_tokens("  \t\n") == []
+
+
+def test_top_k_accuracy_and_answer_rank():
+    passages = ["Berlin is big.", "Einstein's theory.", "Paris."]
+    assert top_k_accuracy(["Einstein"], passages, 1) == 0.0
+    assert top_k_accuracy(["Einstein"], passages, 2) == 1.0
+    assert answer_rank(["Einstein", "Paris"], passages) == 2
+    assert answer_rank(["Rome"], passages) is None
+    assert not has_answer([""], "anything") and not has_answer([], "anything")  # no tokens: no match

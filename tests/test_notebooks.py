@@ -7,6 +7,7 @@ from __future__ import annotations
 import ast
 import subprocess
 import sys
+from pathlib import Path
 
 import nbformat
 import pytest
@@ -86,6 +87,39 @@ def test_strip_check_rejects_a_broken_notebook(tmp_path):
     assert r.returncode == 2 and r.stderr.startswith(f"error: {path}: not a readable notebook")
 
 
+def _in_git_checkout() -> bool:
+    r = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=ROOT, capture_output=True, text=True)
+    return r.returncode == 0 and Path(r.stdout.strip()).resolve() == ROOT.resolve()
+
+
 def test_committed_notebooks_are_stripped():
-    r = subprocess.run([*STRIP, "--check", str(ROOT / "notebooks")], capture_output=True, text=True)
+    # in a checkout, what git holds (a notebook saved with outputs in JupyterLab is stripped by the clean
+    # filter on its way in); in a plain copy of the sources, the files
+    index = ["--index"] if _in_git_checkout() else []
+    r = subprocess.run([*STRIP, "--check", *index, "notebooks"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+def test_the_clean_filter_strips_what_git_stores_and_status_stays_clean(tmp_path):
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "init.defaultBranch=main"]
+    subprocess.run([*git, "init", "-q", str(tmp_path)], check=True)
+    run = lambda *a: subprocess.run([*git, *a], cwd=tmp_path, capture_output=True, text=True, check=True).stdout
+    (tmp_path / ".gitattributes").write_text((ROOT / ".gitattributes").read_text())
+    run("config", "filter.cozyrag-strip.clean", f"'{sys.executable}' '{STRIP[1]}' --filter")
+    (tmp_path / "notebooks").mkdir()
+    path = tmp_path / "notebooks" / "99_test.ipynb"
+    _dirty_notebook(path)  # as JupyterLab saves it: outputs, counts, run metadata
+    run("add", ".gitattributes", "notebooks")
+    run("commit", "-q", "-m", "x")
+    stored = run("show", "HEAD:notebooks/99_test.ipynb")
+    assert stored == subprocess.run([*STRIP, "--filter"], input=path.read_text(), capture_output=True, text=True).stdout
+    assert '"outputs": []' in stored and '"execution_count": null' in stored and "papermill" not in stored
+    r = subprocess.run([*STRIP, "--check", "--index", "notebooks"], cwd=tmp_path, capture_output=True, text=True)
+    assert r.returncode == 0 and "1 checked (as staged in git)" in r.stdout, r.stderr
+    # the working copy keeps its outputs, and git does not count them as a change
+    assert "execution_count\": 3" in path.read_text()
+    path.touch()
+    assert run("status", "--porcelain") == ""
+    # a notebook git cannot read (saved half-way) passes through the filter unchanged
+    broken = subprocess.run([*STRIP, "--filter"], input="{not json", capture_output=True, text=True)
+    assert broken.returncode == 0 and broken.stdout == "{not json" and "left as it is" in broken.stderr

@@ -5,6 +5,12 @@ Notebooks are committed clean: what a run produced belongs in `outputs/notebooks
     python tools/strip_notebooks.py                  # strip notebooks/*.ipynb in place
     python tools/strip_notebooks.py --check          # exit 1 if stripping would change any notebook
     python tools/strip_notebooks.py --check a.ipynb  # the same for the named files or folders
+    python tools/strip_notebooks.py --check --index  # the same for the versions staged in git (what a commit takes)
+    python tools/strip_notebooks.py --filter <a.ipynb  # stripped to stdout: git's clean filter (see .gitattributes)
+
+As git's clean filter (`./run_all.sh` sets it up: `git config filter.cozyrag-strip.clean
+"PYTHON tools/strip_notebooks.py --filter"`), a notebook saved with outputs in JupyterLab is committed
+without them, and `git status` does not count the outputs as a change.
 
 "Clean" means: no outputs, no execution counts, no per-run metadata (papermill, widgets, timings), and
 the file is laid out exactly as nbformat writes it, so the check is a byte comparison.
@@ -13,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -40,11 +47,39 @@ def strip(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
     return nb
 
 
-def stripped_text(path: Path) -> str:
-    """The file's text as it should be committed."""
-    nb = nbformat.read(path, as_version=4)
+def stripped_text(path: Path | None = None, text: str | None = None) -> str:
+    """The file's (or the text's) notebook as it should be committed."""
+    nb = nbformat.read(path, as_version=4) if text is None else nbformat.reads(text, as_version=4)
     text = nbformat.writes(strip(nb))
     return text if text.endswith("\n") else text + "\n"
+
+
+def clean_filter() -> int:
+    """stdin -> stdout, stripped. Text that is not a notebook (a file saved half-way) passes unchanged,
+    with a warning: a clean filter that fails would make git stop."""
+    raw = sys.stdin.buffer.read()
+    try:
+        out = stripped_text(text=raw.decode("utf-8")).encode("utf-8")
+    except Exception as e:  # nbformat raises several types for broken JSON/schema
+        print(f"warning: strip_notebooks --filter: not a readable notebook, left as it is ({e})", file=sys.stderr)
+        out = raw
+    sys.stdout.buffer.write(out)
+    return 0
+
+
+def staged_notebooks(paths: list[str]) -> list[tuple[str, str]]:
+    """(path, text) of each notebook under `paths` as git's index holds it."""
+    try:
+        ls = subprocess.run(["git", "ls-files", "-s", "--", *paths], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError) as e:
+        raise SystemExit(f"error: --index: not in a git checkout ({e})") from None
+    found = []
+    for line in ls.splitlines():
+        meta, _, name = line.partition("\t")
+        if name.endswith(".ipynb"):
+            blob = subprocess.run(["git", "cat-file", "blob", meta.split()[1]], capture_output=True, check=True).stdout
+            found.append((name, blob.decode("utf-8", errors="replace")))
+    return found
 
 
 def write_atomically(path: Path, text: str) -> None:
@@ -74,16 +109,28 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("paths", nargs="*", default=["notebooks"], help="notebooks or folders (default: notebooks)")
     ap.add_argument("--check", action="store_true", help="change nothing; exit 1 if any notebook is not clean")
+    ap.add_argument("--index", action="store_true", help="with --check: check the versions staged in git's index")
+    ap.add_argument("--filter", action="store_true", help="strip the notebook on stdin to stdout (git's clean filter)")
     args = ap.parse_args(argv)
+    if args.filter:
+        return clean_filter()
+    if args.index and not args.check:
+        ap.error("--index goes with --check")
 
     dirty = []
-    for path in find_notebooks(args.paths):
+    if args.index:
+        notebooks = [(Path(name), text) for name, text in staged_notebooks(args.paths)]
+    else:
+        notebooks = [(path, None) for path in find_notebooks(args.paths)]
+    for path, text in notebooks:
         try:
-            want = stripped_text(path)
+            if text is None:
+                text = path.read_text(encoding="utf-8")
+            want = stripped_text(text=text)
         except Exception as e:  # nbformat raises several types for broken JSON/schema
             print(f"error: {path}: not a readable notebook ({e})", file=sys.stderr)
             return 2
-        if path.read_text(encoding="utf-8") == want:
+        if text == want:
             continue
         dirty.append(path)
         if not args.check:
@@ -95,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         print("run `python tools/strip_notebooks.py` and commit the result", file=sys.stderr)
         return 1
     if args.check:
-        print(f"notebooks clean: {len(find_notebooks(args.paths))} checked")
+        print(f"notebooks clean: {len(notebooks)} checked{' (as staged in git)' if args.index else ''}")
     return 0
 
 
