@@ -66,6 +66,9 @@ class Config:
     nprobe: int = 16  # IVF cells visited per query
     ef_search: int = 64  # HNSW search depth
     embed_batch_size: int = 64  # passages per retriever forward pass
+    bm25_stemmer: str = "english"  # Snowball stemmer of the BM25 index built beside FAISS (PyStemmer), or "none"
+    retrieval: str = "dense"  # how questions are retrieved everywhere: dense (FAISS), bm25, or hybrid (both, fused)
+    rrf_k: int = 60  # hybrid: reciprocal-rank fusion constant, score = sum of 1 / (rrf_k + rank)
 
     # --- stage 4: training -----------------------------------------------------------------
     qa_extra: list[str] = field(default_factory=list)  # extra QA files added to the training split
@@ -210,7 +213,7 @@ def validate(cfg: Config) -> Config:
     positive = ["top_k", "batch_size", "grad_accum", "max_length", "chunk_max_tokens", "embed_batch_size",
                 "context_tokens", "train_max_sentences", "answer_max_sentences", "ngram_repeat_n",
                 "retriever_candidates", "nprobe", "ef_search", "max_new_tokens", "eval_every",
-                "checkpoint_every", "min_passage_chars", "phase_repeats"]
+                "checkpoint_every", "min_passage_chars", "phase_repeats", "rrf_k"]
     for k in positive:
         if getattr(cfg, k) <= 0:
             raise CozyError(f"config: {k} must be positive, got {getattr(cfg, k)}")
@@ -233,6 +236,10 @@ def validate(cfg: Config) -> Config:
     check_index_factory(cfg.index_factory)
     if cfg.retriever_loss not in ("lm_supervised", "contrastive"):
         raise CozyError(f"config: retriever_loss must be lm_supervised or contrastive, got {cfg.retriever_loss!r}")
+    if cfg.retrieval not in ("dense", "bm25", "hybrid"):
+        raise CozyError(f"config: retrieval must be dense, bm25 or hybrid, got {cfg.retrieval!r}")
+    if not cfg.bm25_stemmer.strip():
+        raise CozyError("config: bm25_stemmer must name a Snowball stemmer (english, porter, ...) or be none")
     if cfg.precision not in ("fp32", "bf16", "auto"):
         raise CozyError(f"config: precision must be fp32, bf16 or auto, got {cfg.precision!r}")
     if cfg.qa_format not in ("auto", "squad", "qabot", "tsv", "jsonl"):

@@ -142,9 +142,23 @@ def compare(rags: dict, items: Sequence[dict], modes: Sequence[str] = ("closed",
     return rows
 
 
+def retrieval_pipelines(base, trained) -> dict:
+    """The retrieval comparison, labelled: dense with the base retriever, dense with the trained one, BM25, and
+    the hybrid of BM25 and the trained retriever (the last three answer with the trained generator). A run
+    without a BM25 index (built before BM25 support) gives the two dense ones.
+
+    >>> curves = recall_curves(retrieval_pipelines(base, rag), test, ks=[1, 5, 20, 100])   # doctest: +SKIP
+    """
+    pipes = {"dense-base": base.with_retrieval("dense"), "dense-trained": trained.with_retrieval("dense")}
+    if trained.pindex.has_bm25():
+        pipes.update({"bm25": trained.with_retrieval("bm25"), "hybrid-trained": trained.with_retrieval("hybrid")})
+    return pipes
+
+
 def recall_curves(rags: dict, items: Sequence[dict], ks: Sequence[int] = (1, 2, 3, 5, 10, 20),
                   out: str | Path | None = None) -> dict[str, dict]:
-    """`evaluate.recall_at_ks` for every pipeline on the same items ({label: curve}); saved as JSON to `out`."""
+    """`evaluate.recall_at_ks` for every pipeline on the same items ({label: curve}), each by its own retrieval
+    mode (see `retrieval_pipelines`); saved as JSON to `out`."""
     curves = {label: recall_at_ks(rag, items, ks) for label, rag in rags.items()}
     if out is not None:
         write_json(out, curves)

@@ -148,11 +148,13 @@ def sentence_cache(run: Run) -> SentenceCache:
     return run.sentence_cache
 
 
-def contexts_for(run: Run, items: list[dict], max_sentences: int) -> dict[str, str]:
-    """{item id: context}: cached for the current (retriever, index) versions; only missing ones are built."""
+def contexts_for(run: Run, items: list[dict], max_sentences: int, mode: str | None = None) -> dict[str, str]:
+    """{item id: context} from `mode`'s passages (None: cfg.retrieval): cached for the current (retriever, index)
+    versions; only missing ones are built."""
     cfg = run.cfg
+    mode = mode or run.pindex.retrieval
     run.context_cache = {k: v for k, v in run.context_cache.items() if k[:2] == run.versions}  # drop stale ones
-    cache = run.context_cache.setdefault((*run.versions, max_sentences), {})
+    cache = run.context_cache.setdefault((*run.versions, max_sentences, mode), {})
     todo = [it for it in items if it["id"] not in cache]
     if todo:
         def work(share: range) -> dict:
@@ -163,7 +165,7 @@ def contexts_for(run: Run, items: list[dict], max_sentences: int) -> dict[str, s
                 part = mine[s:s + chunk]
                 with run.autocast():
                     q_emb, _, ids = retrieve(run.retriever, run.pindex, [it["question"] for it in part], cfg.top_k,
-                                             cfg.embed_batch_size)
+                                             cfg.embed_batch_size, mode=mode)
                     ctx = build_contexts(q_emb, ids, run.pindex.passages, sentence_cache(run), run.tokenizer,
                                          max_sentences, cfg.context_tokens)
                 out.update({it["id"]: c for it, c in zip(part, ctx)})
@@ -174,17 +176,21 @@ def contexts_for(run: Run, items: list[dict], max_sentences: int) -> dict[str, s
 
 
 def prepare_phase(run: Run, kind: str, item_rows: list[int]) -> dict:
-    """Retrieval results for the questions a phase will use, on every rank: {"contexts"} or {"candidates"}."""
+    """Retrieval results for the questions a phase will use, on every rank: {"contexts"} or {"candidates"}.
+
+    A generator phase reads the contexts `retrieval` gives (dense, bm25 or the hybrid's fused list); a
+    retriever phase trains the dense retriever, so its candidates (and contrastive contexts) are always dense.
+    """
     cfg, items = run.cfg, [run.items[i] for i in item_rows]
     data: dict = {"phase_index": run.state.phase_index, "kind": kind}
     if kind == "generator" or cfg.retriever_loss == "contrastive":
-        data["contexts"] = contexts_for(run, items, cfg.train_max_sentences)
+        data["contexts"] = contexts_for(run, items, cfg.train_max_sentences, None if kind == "generator" else "dense")
     if kind == "retriever" and cfg.retriever_loss == "lm_supervised":
         def work(share: range) -> dict:
             mine = items[share.start:share.stop]
             with run.autocast():
                 _, _, ids = retrieve(run.retriever, run.pindex, [it["question"] for it in mine],
-                                     cfg.retriever_candidates, cfg.embed_batch_size, show_progress=True)
+                                     cfg.retriever_candidates, cfg.embed_batch_size, show_progress=True, mode="dense")
             return {it["id"]: row.tolist() for it, row in zip(mine, ids)}
 
         data["candidates"] = sharded(work, len(items))
