@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -47,7 +47,6 @@ def plan_phases(cfg: Config, n_items: int, world: int) -> list[tuple[str, int]]:
                         f"processes{accum}); lower batch_size or add QA")
     steps = max(1, int(cfg.epochs_per_phase * per_epoch))
 
-
     def cap(kind: str) -> int:
         limit = (cfg.retriever_max_steps_per_phase if kind == "retriever" else 0) or cfg.max_steps_per_phase
         return min(steps, limit) if limit else steps

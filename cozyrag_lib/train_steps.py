@@ -17,9 +17,9 @@ from torch import nn
 from . import distributed
 from .errors import CozyError
 from .index import passage_texts
-from .losses import contrastive_retriever_loss, gold_passage_loss, lm_supervised_retriever_loss
 from .models import eval_mode, unwrap
 from .retrieval import collate, encode_example, to_device, truncate_tokens
+from .retriever_losses import contrastive_retriever_loss, gold_passage_loss, lm_supervised_retriever_loss
 from .train_state import Run
 
 # ----------------------------------------------------------------------------------------------

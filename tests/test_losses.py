@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from cozyrag_lib import losses
-from cozyrag_lib.losses import (GeneratorLoss, answer_nll, contrastive_retriever_loss, gold_passage_loss,
-                                keyword_overlap_penalty, lm_supervised_retriever_loss, ngram_repeat_penalty,
+from cozyrag_lib import losses, retriever_losses
+from cozyrag_lib.losses import (GeneratorLoss, answer_nll, keyword_overlap_penalty, ngram_repeat_penalty,
                                 short_answer_penalty, stopword_token_ids)
+from cozyrag_lib.retriever_losses import contrastive_retriever_loss, gold_passage_loss, lm_supervised_retriever_loss
 
 EOS = 0
 V = 50
@@ -22,6 +22,7 @@ V = 50
 
 def test_docstring_examples():
     assert doctest.testmod(losses).failed == 0
+    assert doctest.testmod(retriever_losses).failed == 0
 
 
 # --- answer NLL ----------------------------------------------------------------------------------
