@@ -28,7 +28,8 @@ from .config import Config, load_config
 from .distributed import resolve_device
 from .errors import CozyError
 from .generate import generate_answers
-from .index import MANIFEST_FILE, PassageIndex, embed_texts, make_faiss_index, passage_texts, read_manifest
+from .embedding import embed_texts, passage_texts
+from .index import MANIFEST_FILE, PassageIndex, make_faiss_index, read_manifest
 from .jsonio import read_json
 from .models import autocast, load_generator, load_retriever, use_bf16
 from .paths import RunPaths

@@ -22,7 +22,7 @@ from tqdm import tqdm  # text bars: they also stream through papermill, where wi
 
 from . import distributed
 from .errors import CozyError
-from .index import embed_texts
+from .embedding import embed_texts
 from .metrics import answer_in_text
 from .text import split_sentences
 

@@ -32,7 +32,8 @@ from tqdm import tqdm  # text bars: they also stream through papermill, where wi
 from . import distributed
 from .config import Config
 from .generate import generate_answers
-from .index import RETRIEVAL_MODES, embed_corpus, make_faiss_index, passage_texts
+from .embedding import embed_corpus, passage_texts
+from .index import RETRIEVAL_MODES, make_faiss_index
 from .jsonio import truncate_jsonl
 from .metrics import (answer_in_text, answer_recall_at_k, evidence_recall_at_k, is_extractive, title_recall_at_k,
                       top_k_accuracy)

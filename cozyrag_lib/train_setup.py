@@ -17,7 +17,8 @@ from . import distributed
 from .checkpoint import find_checkpoint, read_checkpoint_file, read_state, restore
 from .config import Config
 from .errors import CozyError
-from .index import PassageIndex, embedding_dim, make_faiss_index
+from .embedding import embedding_dim
+from .index import PassageIndex, make_faiss_index
 from .jsonio import truncate_jsonl
 from .losses import GeneratorLoss, stopword_token_ids
 from .models import load_generator, load_retriever

@@ -16,7 +16,7 @@ from torch import nn
 
 from . import distributed
 from .errors import CozyError
-from .index import passage_texts
+from .embedding import passage_texts
 from .models import eval_mode, unwrap
 from .retrieval import collate, encode_example, to_device, truncate_tokens
 from .retriever_losses import contrastive_retriever_loss, gold_passage_loss, lm_supervised_retriever_loss

@@ -120,7 +120,7 @@ def test_local_specs_load_offline_in_process_with_the_network_blocked(tmp_path, 
 def test_query_only_keeps_the_passage_side_and_answers_with_it(tiny_run, retriever):
     from test_train import read_metrics, run_training
 
-    from cozyrag_lib.index import embed_texts
+    from cozyrag_lib.embedding import embed_texts
     from cozyrag_lib.rag import RAG
 
     run_dir = run_training(tiny_run, "query-only", "--query_only=true", "--phases=retriever,generator",

@@ -15,8 +15,8 @@ from conftest import ROOT, run_cli
 from cozyrag_lib.chunking import chunk_corpus
 from cozyrag_lib.corpus import embedded_corpus
 from cozyrag_lib.errors import CozyError
-from cozyrag_lib.index import (PassageIndex, build_index, embed_corpus, embed_texts, make_faiss_index,
-                               make_manifest, passage_texts, save_index)
+from cozyrag_lib.embedding import embed_corpus, embed_texts, passage_texts
+from cozyrag_lib.index import PassageIndex, build_index, make_faiss_index, make_manifest, save_index
 from cozyrag_lib.models import EMBEDDED_RETRIEVER
 from cozyrag_lib.paths import RunPaths
 

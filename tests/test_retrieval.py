@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from cozyrag_lib.index import PassageIndex, embed_texts, make_faiss_index, passage_texts
+from cozyrag_lib.embedding import embed_texts, passage_texts
+
+from cozyrag_lib.index import PassageIndex, make_faiss_index
 from cozyrag_lib.retrieval import (DEFAULT_TEMPLATE, SentenceCache, build_contexts, collate, encode_example,
                                    format_prompt, gold_passages, rank_sentences, retrieve, truncate_tokens, words_before)
 

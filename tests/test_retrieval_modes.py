@@ -17,7 +17,8 @@ import torch
 from conftest import ROOT
 from cozyrag_lib import CozyError, load_config
 from cozyrag_lib.bm25 import Bm25Index, reciprocal_rank_fusion
-from cozyrag_lib.index import PassageIndex, embed_texts, make_faiss_index, passage_texts
+from cozyrag_lib.embedding import embed_texts, passage_texts
+from cozyrag_lib.index import PassageIndex, make_faiss_index
 from cozyrag_lib.retrieval import retrieve
 
 PASSAGES = [

@@ -238,7 +238,7 @@ def fake_run(retriever, generator=None, tokenizer=None, loss="lm_supervised"):
 
 
 def passage_scores(retriever) -> torch.Tensor:
-    from cozyrag_lib.index import embed_texts
+    from cozyrag_lib.embedding import embed_texts
 
     q = embed_texts(retriever, [QUESTION], show_progress=False)
     p = embed_texts(retriever, [train_steps.passage_text(p) for p in PASSAGES], show_progress=False)
@@ -386,7 +386,8 @@ def test_full_cycle_in_one_process(single_run):
     manifest = json.loads((run_dir / "final" / "index" / "manifest.json").read_text())
     assert manifest["version"] == 1 and manifest["retriever"] == str((run_dir / "final" / "retriever").resolve())
     # the refreshed index holds the trained retriever's passage vectors
-    from cozyrag_lib.index import PassageIndex, passage_texts
+    from cozyrag_lib.embedding import passage_texts
+    from cozyrag_lib.index import PassageIndex
 
     pidx = PassageIndex.load(run_dir / "final" / "index", RunPaths(run_dir).passages, retriever=str(run_dir / "final" / "retriever"))
     np.testing.assert_allclose(st.encode(passage_texts(pidx.passages[:3]), normalize_embeddings=True),

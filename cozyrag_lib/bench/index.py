@@ -18,7 +18,8 @@ from tqdm import tqdm  # text bars: they also stream through papermill, where wi
 from .. import distributed
 from ..chunking import chunk_corpus, read_passages
 from ..errors import CozyError
-from ..index import embed_texts, make_faiss_index, passage_texts
+from ..embedding import embed_texts, passage_texts
+from ..index import make_faiss_index
 from ..models import autocast, load_retriever, use_bf16
 from .common import Stopwatch, device_name, recall_at
 
