@@ -28,6 +28,7 @@ import numpy as np
 
 from .atomic import atomic_dir
 from .errors import CozyError
+from .jsonio import read_json_object
 
 MANIFEST_FILE = "manifest.json"
 REBUILD = "rebuild it with the index stage (python -m cozyrag_lib index)"
@@ -124,13 +125,7 @@ class Bm25Index:
         path = bm25_dir / MANIFEST_FILE
         if not path.is_file():
             raise CozyError(f"{path}: not found (an index built before BM25 support, or not built); {REBUILD}")
-        try:
-            m = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CozyError(f"{path}: not valid JSON ({e}); {REBUILD}") from None
-        missing = [k for k in ("passages", "passages_sha256", *QUERY_SETTINGS) if k not in m]
-        if missing:
-            raise CozyError(f"{path}: missing {', '.join(missing)}; {REBUILD}")
+        m = read_json_object(path, REBUILD, required=("passages", "passages_sha256", *QUERY_SETTINGS))
         built = f"{path} was built for"
         if passages_sha256 is not None and m["passages_sha256"] != passages_sha256:
             raise CozyError(f"{built} passages sha256 {str(m['passages_sha256'])[:12]}..., but the passages file is "

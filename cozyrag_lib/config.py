@@ -27,6 +27,7 @@ from typing import Any
 
 from .atomic import atomic_write_text
 from .errors import CozyError, faiss_reason, first_line
+from .jsonio import read_json
 from .paths import RunPaths
 
 PRESET_DIR = Path(__file__).parent / "presets"
@@ -393,7 +394,7 @@ def latest_run(out_root: str | Path) -> tuple[Path, dict[str, Any]] | None:
                     if run.is_dir() for p in RunPaths(run).stage_configs() if p.is_file()), reverse=True)
     for _, path in found:
         try:
-            values = json.loads(path.read_text(encoding="utf-8"))
+            values = read_json(path)
             if not isinstance(values, dict):
                 raise ValueError("not a JSON object")
             values.update(out_root=str(path.parent.parent.parent), run_name=path.parent.parent.name)

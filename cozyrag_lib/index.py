@@ -38,6 +38,7 @@ from .chunking import read_passages
 from .config import index_factory_error
 from .embedding import embed_corpus, embed_texts, embedding_dim, passage_texts
 from .errors import CozyError, faiss_reason
+from .jsonio import read_json_object
 from .models import autocast, load_retriever, retriever_identity
 
 INDEX_FILE = "index.faiss"
@@ -194,14 +195,8 @@ def read_manifest(index_dir: str | Path) -> dict[str, Any]:
     path = Path(index_dir) / MANIFEST_FILE
     if not path.is_file():
         raise CozyError(f"{path}: not found; build the index first (python -m cozyrag_lib index)")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CozyError(f"{path}: not valid JSON ({e}); rebuild the index (python -m cozyrag_lib index)") from None
-    missing = [k for k in ("retriever", "dim", "passages", "passages_sha256") if k not in manifest]
-    if missing:
-        raise CozyError(f"{path}: missing {', '.join(missing)}; rebuild the index (python -m cozyrag_lib index)")
-    return manifest
+    return read_json_object(path, "rebuild the index (python -m cozyrag_lib index)",
+                            required=("retriever", "dim", "passages", "passages_sha256"))
 
 
 REBUILD = "rebuild it with the index stage (python -m cozyrag_lib index)"

@@ -34,6 +34,17 @@ def read_json(path: str | Path, fix: str = "", missing_ok: bool = False) -> Any:
         raise CozyError(f"{path}: cannot read ({e.strerror or e}){hint}") from None
 
 
+def read_json_object(path: str | Path, fix: str = "", required: Iterable[str] = ()) -> dict:
+    """A JSON object (a manifest, a config) holding every key in `required`; else a one-line error."""
+    obj, hint = read_json(path, fix), f"; {fix}" if fix else ""
+    if not isinstance(obj, dict):
+        raise CozyError(f"{path}: not a JSON object{hint}")
+    missing = [k for k in required if k not in obj]
+    if missing:
+        raise CozyError(f"{path}: missing {', '.join(missing)}{hint}")
+    return obj
+
+
 def iter_jsonl(path: str | Path, fix: str = "") -> Iterator[tuple[int, Any]]:
     """(line number, record) of each non-blank line, streamed; a bad line is an error naming it."""
     path, hint = Path(path), f"; {fix}" if fix else ""
