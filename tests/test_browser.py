@@ -115,8 +115,26 @@ def lab(workdir):
         log.close()
 
 
-def _cell_outputs(path: Path) -> list[list[dict]]:
-    return [c.outputs for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code"]
+def _cell_outputs(path: Path) -> list[list[dict]] | None:
+    """Each code cell's outputs as the saved file holds them; None while JupyterLab is still writing the file
+    (a read can catch it empty or half-written)."""
+    try:
+        nb = nbformat.read(path, as_version=4)
+    except (nbformat.reader.NotJSONError, ValueError, OSError):
+        return None
+    return [c.outputs for c in nb.cells if c.cell_type == "code"]
+
+
+def _saved_outputs(path: Path, timeout: float = 30) -> list[list[dict]]:
+    """The saved notebook's outputs once every cell after the first two has some (or at the timeout)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        outputs = _cell_outputs(path)
+        if outputs is not None and (all(outputs[2:]) or time.monotonic() > deadline):
+            return outputs
+        if time.monotonic() > deadline + 10:
+            raise AssertionError(f"{path}: still not readable {timeout + 10:.0f} s after saving")
+        time.sleep(0.5)
 
 
 def _wait_for_run_all(page, timeout: float = 300) -> None:
@@ -162,10 +180,7 @@ def test_notebook_05_in_jupyterlab(browser_path, workdir, lab):
             page.locator(".lm-Menu-itemLabel", has_text=re.compile(r"^Run All Cells$")).click()
             _wait_for_run_all(page)
             page.keyboard.press("Control+s")  # saved, the outputs can be read as the notebook holds them
-            deadline = time.monotonic() + 30
-            while not all(_cell_outputs(workdir / NOTEBOOK)[2:]) and time.monotonic() < deadline:
-                time.sleep(0.5)
-            outputs = _cell_outputs(workdir / NOTEBOOK)
+            outputs = _saved_outputs(workdir / NOTEBOOK)
             errors = [f"cell {i}: {o['ename']}: {o['evalue']}" for i, outs in enumerate(outputs) for o in outs
                       if o["output_type"] == "error"]
             assert not errors, errors
