@@ -68,41 +68,55 @@ def evaluate(rag, items: Sequence[dict], mode: str = "rag", top_k: int | None = 
         chunk = items[s:s + batch_size]
         outs = rag.answer_batch([it["question"] for it in chunk], k, mode,
                                 [it["context"] for it in chunk] if mode == "oracle" else None)
-        for it, out in zip(chunk, outs):
-            texts = [p["text"] for p in out["passages"]]
-            titles = [_title(p["title"]) for p in out["passages"]]
-            row = {"id": it.get("id"), "source": it.get("source"), "qtype": it.get("qtype"),
-                   "question": it["question"], "answers": it["answers"],
-                   "prediction": out["answer"], "em": exact_match(out["answer"], it["answers"]),
-                   "f1": f1_score(out["answer"], it["answers"]), "latency_s": out["timings"]["total_s"],
-                   "passages": [{"id": p["id"], "title": p["title"], "score": p["score"]} for p in out["passages"]],
-                   "answer_sentence": answer_sentence(out["answer"], out.get("context_sentences") or [])}
-            if mode != "closed":  # is a gold answer in the context the generator was given (after the cuts)?
-                row["context_has_answer"] = float(answer_in_text(it["answers"], out["context"]))
-            if mode == "rag":
-                row.update(top[len(preds)])  # this item's top{k}_accuracy
-                for kk in sorted({1, 5, k}):
-                    row[f"answer_recall@{kk}"] = answer_recall_at_k(it["answers"], texts, kk)
-                if it.get("title"):
-                    for kk in (1, 5):
-                        row[f"title_recall@{kk}"] = title_recall_at_k(_title(it["title"]), titles, kk)
-            preds.append(row)
+        preds += [prediction_row(it, out, mode, k, top[len(preds) + n]) for n, (it, out) in enumerate(zip(chunk, outs))]
+    where = {"retrieval": rag.pindex.retrieval, "passages": len(rag.pindex)} if mode == "rag" else {}
+    summary = summarise(preds, mode, k, run=rag.name, **where)
+    if skipped:
+        summary["skipped_without_context"] = skipped
+    return summary, preds
 
-    def mean(key: str, rows: Sequence[dict] = preds) -> float | None:
-        vals = [p[key] for p in rows if key in p]
-        return round(sum(vals) / len(vals), 4) if vals else None
 
-    summary = {"run": rag.name, "n": len(preds), "mode": mode, "top_k": k, "em": mean("em"), "f1": mean("f1")}
+def prediction_row(it: dict, out: dict, mode: str, k: int, top: dict) -> dict:
+    """One line of the predictions JSONL: the answer, its scores, the passages, where the answer came from."""
+    texts = [p["text"] for p in out["passages"]]
+    titles = [_title(p["title"]) for p in out["passages"]]
+    row = {"id": it.get("id"), "source": it.get("source"), "qtype": it.get("qtype"),
+           "question": it["question"], "answers": it["answers"],
+           "prediction": out["answer"], "em": exact_match(out["answer"], it["answers"]),
+           "f1": f1_score(out["answer"], it["answers"]), "latency_s": out["timings"]["total_s"],
+           "passages": [{"id": p["id"], "title": p["title"], "score": p["score"]} for p in out["passages"]],
+           "answer_sentence": answer_sentence(out["answer"], out.get("context_sentences") or [])}
+    if mode != "closed":  # is a gold answer in the context the generator was given (after the cuts)?
+        row["context_has_answer"] = float(answer_in_text(it["answers"], out["context"]))
     if mode == "rag":
-        summary.update(retrieval=rag.pindex.retrieval, passages=len(rag.pindex))
-        for kk in TOP_KS:
-            summary[f"top{kk}_accuracy"] = mean(f"top{kk}_accuracy")
+        row.update(top)  # this item's top{k}_accuracy
         for kk in sorted({1, 5, k}):
-            summary[f"answer_recall@{kk}"] = mean(f"answer_recall@{kk}")
+            row[f"answer_recall@{kk}"] = answer_recall_at_k(it["answers"], texts, kk)
+        if it.get("title"):
+            for kk in (1, 5):
+                row[f"title_recall@{kk}"] = title_recall_at_k(_title(it["title"]), titles, kk)
+    return row
+
+
+def _mean(key: str, rows: Sequence[dict]) -> float | None:
+    vals = [p[key] for p in rows if key in p]
+    return round(sum(vals) / len(vals), 4) if vals else None
+
+
+def summarise(preds: Sequence[dict], mode: str, k: int, run: str = "", **head) -> dict:
+    """Means over the predictions (EM, F1, retrieval metrics that apply to the mode), latency percentiles, and
+    the same per QA source and per question type when there are several; `head` (retrieval settings) after F1."""
+    summary = {"run": run, "n": len(preds), "mode": mode, "top_k": k, "em": _mean("em", preds), "f1": _mean("f1", preds),
+               **head}
+    if mode == "rag":
+        for kk in TOP_KS:
+            summary[f"top{kk}_accuracy"] = _mean(f"top{kk}_accuracy", preds)
+        for kk in sorted({1, 5, k}):
+            summary[f"answer_recall@{kk}"] = _mean(f"answer_recall@{kk}", preds)
         if any("title_recall@1" in p for p in preds):
-            summary["title_recall@1"], summary["title_recall@5"] = mean("title_recall@1"), mean("title_recall@5")
+            summary["title_recall@1"], summary["title_recall@5"] = _mean("title_recall@1", preds), _mean("title_recall@5", preds)
     if mode != "closed":
-        summary["context_has_answer"] = mean("context_has_answer")
+        summary["context_has_answer"] = _mean("context_has_answer", preds)
     lat = [p["latency_s"] for p in preds]
     summary["latency_p50_s"] = round(percentile(lat, 50), 4)
     summary["latency_p95_s"] = round(percentile(lat, 95), 4)
@@ -112,12 +126,10 @@ def evaluate(rag, items: Sequence[dict], mode: str = "rag", top_k: int | None = 
             summary[name] = {}
             for g in groups:
                 rows = [p for p in preds if p[field] == g]
-                summary[name][g] = {"n": len(rows), "em": mean("em", rows), "f1": mean("f1", rows),
-                                    **({"answer_recall@5": mean("answer_recall@5", rows),
-                                        "top5_accuracy": mean("top5_accuracy", rows)} if mode == "rag" else {})}
-    if skipped:
-        summary["skipped_without_context"] = skipped
-    return summary, preds
+                summary[name][g] = {"n": len(rows), "em": _mean("em", rows), "f1": _mean("f1", rows),
+                                    **({"answer_recall@5": _mean("answer_recall@5", rows),
+                                        "top5_accuracy": _mean("top5_accuracy", rows)} if mode == "rag" else {})}
+    return summary
 
 
 def answer_sentence(answer: str, sentences: Sequence[str]) -> str | None:
