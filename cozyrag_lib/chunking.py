@@ -217,7 +217,7 @@ def chunk_corpus(cfg) -> dict:
     config.json) under cfg.run_dir; returns the summary. Runs the same under `python -m` and under torchrun."""
     if os.environ.get("RANK", "0") == "0":  # under torchrun one rank moves the files
         cfg.paths.upgrade()  # a run of the earlier flat layout: into passages/ before anything is read or written
-    sources = [resolve_source(spec) for spec in cfg.corpus_sources]  # bad paths fail before any work
+    sources = [resolve_source(spec, cfg.corpus_columns) for spec in cfg.corpus_sources]  # bad paths fail before any work
     if not sources:
         raise CozyError("config: corpus_sources is empty")
     with dist.process_group("cpu"):  # gloo: chunking needs only object collectives and a barrier

@@ -56,7 +56,8 @@ COMMANDS: dict[str, tuple[str, dict[str, tuple[Any, Any, str]]]] = {
     "evaluate": ("Evaluate a run on a QA file (EM/F1, recall@k, latency); config keys override the run's saved "
                  "config (e.g. --top_k=8; --retrieval=bm25 or hybrid; --batch_size=16 questions answered together).", {
                      "run": (str, None, RUN_HELP),
-                     "qa": (str, REQUIRED, "QA file in any format prepare-qa reads (e.g. RUN/qa/test.jsonl)"),
+                     "qa": (str, REQUIRED, "QA file or table in any format prepare-qa reads (e.g. RUN/qa/test.jsonl, "
+                                         "test.parquet, hf:rajpurkar/squad::validation)"),
                      "format": (str, "auto", "QA file format: auto, squad, qabot, tsv or jsonl"),
                      "corpus": (str, None, "passages JSONL to search instead of the run's index"),
                      "mode": (("rag", "closed", "oracle"), "rag", "rag retrieves; closed: no context; oracle: the "

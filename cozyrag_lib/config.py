@@ -1,7 +1,7 @@
 """One config for every stage: a dataclass, preset files, and `--key=value` overrides.
 
 Three doors lead to the same fields:
-  * presets: small TOML files in `cozyrag_lib/presets/` (`tiny`, `demo`, `original`, `hpc`),
+  * presets: small TOML files in `cozyrag_lib/presets/` (`tiny`, `demo`, `quality`, `original`, `hpc`),
   * the command line: `python -m cozyrag_lib chunk --preset=tiny --chunk_max_tokens=96`,
   * papermill: `papermill 02_chunk_corpus.ipynb out.ipynb -p preset tiny -p chunk_max_tokens 96`.
 Unknown keys and values of the wrong type are errors, never silently ignored.
@@ -52,11 +52,13 @@ class Config:
 
     # --- stage 1: QA -----------------------------------------------------------------------
     qa_sources: list[str] = field(default_factory=lambda: ["builtin"])  # "builtin" and/or QA files
-    qa_format: str = "auto"  # auto, squad, qabot, tsv, jsonl
+    qa_format: str = "auto"  # auto, squad, qabot, tsv, jsonl (tables: .parquet/.arrow/.csv files, hf:NAME[:CONFIG][:SPLIT])
+    qa_columns: list[str] = field(default_factory=list)  # table columns as field=column: question=query,answers=gold
     max_qa: int = 0  # keep at most this many QA pairs per source (0 = all)
 
     # --- stage 2: chunking -----------------------------------------------------------------
-    corpus_sources: list[str] = field(default_factory=lambda: ["embedded"])  # "embedded", wikiextractor dirs, .jsonl, SQuAD .json
+    corpus_sources: list[str] = field(default_factory=lambda: ["embedded"])  # "embedded", wikiextractor dirs, .jsonl, SQuAD .json, tables
+    corpus_columns: list[str] = field(default_factory=list)  # table columns as field=column: title=name,text=body
     max_articles: int = 0  # read at most this many articles per source (0 = all)
     chunk_max_tokens: int = 128  # passage length limit in retriever tokens
     chunk_overlap_sentences: int = 1  # sentences repeated at the start of the next passage

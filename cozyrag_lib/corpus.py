@@ -5,7 +5,9 @@ Sources (`cfg.corpus_sources`, several at once, read in the order given):
   * a folder            - `wikiextractor` output, `<doc ...>` text files or `--json` lines, files in sorted order
                           (`python -m wikiextractor.WikiExtractor dump.xml --json -o extracted`);
   * `file.jsonl`        - one `{"title": ..., "text": ...}` object per line;
-  * `file.json`         - SQuAD: every distinct paragraph context is an article under its title.
+  * `file.json`         - SQuAD: every distinct paragraph context is an article under its title;
+  * a table             - `file.parquet`, `file.arrow`, `file.csv` or `hf:NAME[:CONFIG][:SPLIT]`, one article a
+                          row, columns mapped by `corpus_columns` (tables.py).
 A `kind:` prefix (`wikiextractor:`, `jsonl:`, `squad:`) overrides the guess from the path.
 
 Every source is a generator that streams its input, so a whole Wikipedia dump never sits in memory; a
@@ -28,8 +30,9 @@ from typing import Iterable, Iterator
 from .errors import CozyError
 from .jsonio import read_json
 from .models import package_file
+from .tables import CORPUS_FIELDS, parse_columns, read_table_articles, table_kind, table_path
 
-SOURCE_KINDS = ("embedded", "wikiextractor", "jsonl", "squad")
+SOURCE_KINDS = ("embedded", "wikiextractor", "jsonl", "squad", "table")
 EMBEDDED_CORPUS = "embedded:wiki-summaries-en"  # the package spec of the embedded articles (models.package_file)
 MAX_REPORTED_SKIPS = 10  # skipped lines named in warnings and in the summary; the rest are only counted
 
@@ -43,6 +46,7 @@ class Source:
     articles: int = 0  # filled while reading
     skipped: int = 0  # malformed lines skipped
     skip_examples: list[str] = field(default_factory=list)  # "file:line: why", the first few
+    columns: list[str] = field(default_factory=list)  # a table's field=column mapping (cfg.corpus_columns)
 
     def skip(self, where: str, why: str) -> None:
         self.skipped += 1
@@ -50,12 +54,18 @@ class Source:
             self.skip_examples.append(f"{where}: {why} (skipped)")
 
 
-def resolve_source(spec: str) -> Source:
+def resolve_source(spec: str, columns: list[str] = ()) -> Source:
     """Decide what kind of corpus `spec` names, and check it exists and is not empty."""
     kind, _, rest = spec.partition(":")
     if spec == "embedded":
         package_file(EMBEDDED_CORPUS)  # a clear error now if the package is missing
         return Source(spec, "embedded")
+    if table_kind(spec):
+        parse_columns(list(columns), CORPUS_FIELDS, "corpus_columns")  # a bad mapping fails before any work
+        path = None if table_kind(spec) == "hf" else table_path(spec)
+        if path is not None and not path.is_file():
+            raise CozyError(f"{spec}: corpus table not found")
+        return Source(spec, "table", path, columns=list(columns))
     if kind in SOURCE_KINDS and rest:
         path = Path(rest).expanduser()
     else:
@@ -90,7 +100,8 @@ def resolve_source(spec: str) -> Source:
 def read_articles(source: Source, max_articles: int = 0) -> Iterator[tuple[str, str]]:
     """Stream (title, text) articles from a resolved source; at most `max_articles` (0 = all)."""
     readers = {"embedded": _read_embedded, "wikiextractor": _read_wikiextractor,
-               "jsonl": _read_jsonl, "squad": _read_squad}
+               "jsonl": _read_jsonl, "squad": _read_squad,
+               "table": lambda s: read_table_articles(s.spec, s.columns, s.skip)}
     articles = readers[source.kind](source)
     if max_articles:
         articles = itertools.islice(articles, max_articles)

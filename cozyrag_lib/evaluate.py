@@ -25,6 +25,7 @@ Metrics (means over the evaluated questions):
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Sequence
 
@@ -37,6 +38,7 @@ from .metrics import (answer_in_text, answer_rank, answer_recall_at_k, evidence_
                       normalize_answer, percentile, title_recall_at_k)
 from .models import autocast
 from .qa_formats import load_qa_file
+from .tables import load_qa_table, table_kind
 from .rag import RAG
 from .retrieval import retrieve
 
@@ -214,12 +216,16 @@ def cli(argv: list[str]) -> int:
     if opts["limit"] < 0:
         raise CozyError(f"evaluate: --limit must not be negative, got {opts['limit']}")
     run_dir, base, load_kw = locate_run(parsed)  # every value checked before the models load
-    items, _ = load_qa_file(opts["qa"], opts["format"])
+    if table_kind(opts["qa"]):  # a Parquet/Arrow/CSV file or hf:NAME, columns mapped by --qa_columns
+        items, _ = load_qa_table(opts["qa"], parsed.config().qa_columns)
+    else:
+        items, _ = load_qa_file(opts["qa"], opts["format"])
     items = items[:opts["limit"]] if opts["limit"] else items
     rag = RAG.load(run_spec(run_dir, base), corpus=opts["corpus"], **load_kw)
     summary, preds = evaluate(rag, items, opts["mode"], batch_size=rag.cfg.batch_size)
     how = opts["mode"] + (f"-{rag.cfg.retrieval}" if opts["mode"] == "rag" and rag.cfg.retrieval != "dense" else "")
-    out = Path(opts["out"]) if opts["out"] else run_dir / "eval" / f"{'base-' if base else ''}{how}-{Path(opts['qa']).stem}.json"
+    name = re.sub(r"[^\w.-]+", "-", Path(opts["qa"]).stem)  # hf:org/name::split -> name-split
+    out = Path(opts["out"]) if opts["out"] else run_dir / "eval" / f"{'base-' if base else ''}{how}-{name}.json"
     write_results(summary, preds, out)
     print(json.dumps(summary))
     return 0

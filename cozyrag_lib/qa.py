@@ -9,7 +9,8 @@ Sources (`cfg.qa_sources`, each "builtin" or a file path; `cfg.qa_format` names 
               ("Who was Alvar Aalto?" -> "Finnish architect and designer (1898–1976)", qtype "description"), and
               factoids whose answers are spans of the article's text ("What is the capital of France?" ->
               "Paris"; qtype person, place, date, number or thing; see factoids.py);
-  * a file  - SQuAD JSON, Q:/A: text (qabot), TSV or JSON lines: see qa_formats.py.
+  * a file  - SQuAD JSON, Q:/A: text (qabot), TSV or JSON lines: see qa_formats.py;
+  * a table - a Parquet, Arrow or CSV file, or `hf:NAME[:CONFIG][:SPLIT]` from Hugging Face: see tables.py.
 
 The split is a pure function of the article title (of the question when there is none), so the same article
 lands in the same split on every machine and in every run, and no test article leaks into training:
@@ -33,6 +34,7 @@ from .jsonio import iter_jsonl, write_json, write_jsonl
 from .metrics import normalize_answer
 from .paths import SPLITS, RunPaths
 from .qa_formats import MAX_EXAMPLES, Skip, Skips, load_qa_file, make_item, source_stats
+from .tables import load_qa_table, table_kind
 
 BUILTIN = "builtin"
 
@@ -103,6 +105,15 @@ def builtin_qa(max_articles: int = 0) -> tuple[list[dict], dict]:
     return items, source_stats(EMBEDDED_CORPUS, BUILTIN, items, 0, skips)
 
 
+def load_qa_source(spec: str, cfg) -> tuple[list[dict], dict]:
+    """The items and stats of one entry of qa_sources or qa_extra: the built-in set, a table or a QA file."""
+    if spec == BUILTIN:
+        return builtin_qa(cfg.max_articles)
+    if table_kind(spec):
+        return load_qa_table(spec, cfg.qa_columns)
+    return load_qa_file(spec, cfg.qa_format)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # the stage
 
@@ -119,7 +130,7 @@ def prepare_qa(cfg) -> dict:
     splits: dict[str, list[dict]] = {s: [] for s in SPLITS}
     sources: dict[str, dict] = {}
     for entry in tqdm(cfg.qa_sources, desc="QA sources", disable=len(cfg.qa_sources) < 3):
-        items, stats = builtin_qa(cfg.max_articles) if entry == BUILTIN else load_qa_file(entry, cfg.qa_format)
+        items, stats = load_qa_source(entry, cfg)
         kept, duplicates = [], 0
         for item in items:
             if cfg.max_qa and len(kept) >= cfg.max_qa:

@@ -13,8 +13,7 @@ from tqdm import tqdm  # text bars: they also stream through papermill, where wi
 from . import distributed
 from .config import Config
 from .errors import CozyError
-from .qa import read_qa, seeded_sample, split_key, split_of
-from .qa_formats import load_qa_file
+from .qa import load_qa_source, read_qa, seeded_sample, split_key, split_of
 from .retrieval import SentenceCache, build_contexts, retrieve
 from .train_state import Run
 
@@ -26,7 +25,7 @@ def load_train_items(cfg: Config) -> list[dict]:
     """Training QA (qa/train.jsonl + the train split of cfg.qa_extra files), capped at cfg.max_train_qa."""
     items = read_qa(cfg.paths.qa_split("train"))
     for path in cfg.qa_extra:  # the same split rule as prepare-qa, so no validation article leaks in
-        extra, _ = load_qa_file(path, "auto")
+        extra, _ = load_qa_source(path, cfg)
         items += [it for it in extra if split_of(split_key(it)) == "train"]
     if cfg.max_train_descriptions:  # fewer description questions, every factoid and file item kept
         desc = [i for i, it in enumerate(items) if it.get("qtype") == "description"]

@@ -18,7 +18,7 @@ from cozyrag_lib.errors import CozyError
 # presets
 
 
-@pytest.mark.parametrize("name", ["tiny", "demo", "original", "hpc"])
+@pytest.mark.parametrize("name", ["tiny", "demo", "quality", "original", "hpc"])
 def test_every_shipped_preset_loads_and_names_its_run(name):
     assert name in list_presets()
     cfg = load_config(name)
@@ -38,7 +38,7 @@ def test_defaults_are_valid():
 
 
 def test_unknown_preset_lists_the_known_ones():
-    with pytest.raises(CozyError, match=r"preset 'tinny' not found \(known presets: demo, hpc, original, tiny"):
+    with pytest.raises(CozyError, match=r"preset 'tinny' not found \(known presets: demo, hpc, original, quality, tiny"):
         load_config("tinny")
 
 

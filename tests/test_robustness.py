@@ -625,7 +625,7 @@ def test_no_remote_code_and_no_pickled_code_by_default():
     from cozyrag_lib.config import Config
 
     assert Config().trust_remote_code is False
-    for preset in ("tiny", "demo", "original", "hpc"):
+    for preset in ("tiny", "demo", "quality", "original", "hpc"):
         assert load_config(preset).trust_remote_code is False, preset
     remote = [(path.name, node.lineno) for path in sorted(LIB.rglob("*.py"))
               for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
