@@ -424,6 +424,25 @@ def test_two_torchrun_processes_follow_the_one_process_curve(stages, single_run)
     AutoModelForCausalLM.from_pretrained(run_dir / "final" / "generator")
 
 
+@pytest.mark.slow
+def test_two_torchrun_processes_train_with_hybrid_retrieval_like_one_process(stages):
+    """retrieval=hybrid (BM25 + dense, fused) in every phase: each rank reads index/bm25 and retrieves its
+    share; the two-process curve follows the one-process one as with dense retrieval."""
+    one = run_training(stages, "one-hybrid", "--batch_size=4", "--retrieval=hybrid")
+    two = run_training(stages, "two-hybrid", "--batch_size=2", "--retrieval=hybrid", nproc=2)
+    rows_one, rows_two = read_metrics(one), read_metrics(two)
+    steps = [(r["phase"], r["step"]) for r in rows_one if "loss" in r]
+    assert steps == [(r["phase"], r["step"]) for r in rows_two if "loss" in r] and {p for p, _ in steps} == \
+        {"generator", "retriever"}
+    for a, b in zip([r for r in rows_one if "loss" in r], [r for r in rows_two if "loss" in r]):
+        assert b["loss"] == pytest.approx(a["loss"], rel=0.02 if a["phase"] == "generator" else 0.25), (a, b)
+    evals_one, evals_two = [r for r in rows_one if "val_loss" in r], [r for r in rows_two if "val_loss" in r]
+    # step 0: the same base models, so the same hybrid retrieval of the validation questions
+    for key in ("val_recall@5", "val_recall@5_bm25", "val_recall@5_dense"):
+        assert evals_two[0][key] == evals_one[0][key]
+    assert evals_one[0]["val_recall@5"] == evals_one[0]["val_recall@5_hybrid"]
+
+
 def checkpoint_step(run_dir: Path) -> int:
     """The step of the run's checkpoint on disk, -1 while there is none (or it is being swapped in)."""
     try:
