@@ -52,7 +52,7 @@ from .config import Config
 from .errors import run_guarded
 from .jsonio import append_jsonl
 from .train_data import PhaseBatches, get_lr, micro_batches, prepare_phase
-from .train_eval import answer_val_questions, log_eval, reduce_mean, refresh_index
+from .train_eval import answer_val_questions, log_eval, reduce_mean, refresh_index, stale_recall
 from .train_setup import setup_run
 from .train_state import Run
 from .train_steps import generator_loss, get_batch, retriever_loss, step_weights
@@ -148,9 +148,11 @@ def train_loop(run: Run) -> dict:
         bar.close()
 
         # phase end: refresh the index after a retriever phase, evaluate, answer, checkpoint
+        staleness = {}
         if not gen and not cfg.query_only:
-            refresh_index(run)
-        log_eval(run)
+            staleness = stale_recall(run)  # before the refresh: the recall an unrefreshed index would give
+            staleness["refresh_s"] = refresh_index(run)
+        log_eval(run, staleness)
         if gen:
             rows = answer_val_questions(run)
             if main and rows:

@@ -13,6 +13,8 @@ Evaluation (step 0, every `eval_every` steps, each phase end) on `max_val_qa` va
     val_title_recall@5   among questions that name their article (`title`), share with a top-5 passage
                          from that article
     val_context_has_answer  among extractive questions, share whose built context still holds a gold answer
+After a retriever phase the row also holds `val_recall@{5,1}_stale` (the new query encoder against the old
+passage vectors: what the refresh buys) and `refresh_s` (the refresh's seconds).
 The keys above use the run's `retrieval` mode. When the run has a BM25 index, every mode is also reported
 side by side (the retriever phase trains only the dense side; BM25 does not move, hybrid follows dense):
     val_recall@5_{dense,bm25,hybrid}          val_recall@5 by that mode
@@ -48,11 +50,10 @@ from .train_steps import AnswerLM
 
 
 @torch.no_grad()
-def estimate_loss(run: Run) -> dict:
-    """val_loss and recall@5 on the validation questions (sharded over ranks; see the module docstring)."""
+def val_retrieval(run: Run) -> dict:
+    """{item id: {mode: (recall@5, top-5, top-20 accuracy), "run": (recall@5, recall@1, answer recall@5, title
+    recall@5)}} of the validation questions, retrieved by the current retriever and index (cached per version)."""
     cfg, items, passages = run.cfg, run.val_items, run.pindex.passages
-    if not items:
-        return {}
     key = run.versions
     modes = RETRIEVAL_MODES if run.pindex.has_bm25() else (run.pindex.retrieval,)
     if key not in run.val_cache:  # retrieval depends only on the retriever and the index: cached per version
@@ -75,7 +76,17 @@ def estimate_loss(run: Run) -> dict:
             return out
 
         run.val_cache = {key: sharded(work, len(items))}
-    by_mode = run.val_cache[key]
+    return run.val_cache[key]
+
+
+@torch.no_grad()
+def estimate_loss(run: Run) -> dict:
+    """val_loss and recall@5 on the validation questions (sharded over ranks; see the module docstring)."""
+    cfg, items = run.cfg, run.val_items
+    if not items:
+        return {}
+    modes = RETRIEVAL_MODES if run.pindex.has_bm25() else (run.pindex.retrieval,)
+    by_mode = val_retrieval(run)
     hits = {i: h["run"] for i, h in by_mode.items()}
     contexts = contexts_for(run, items, cfg.train_max_sentences)
     extractive = [it for it in items if is_extractive(it)]
@@ -135,24 +146,35 @@ def answer_val_questions(run: Run) -> list[dict]:
              "question": q, "answer": a, "context": c} for q, a, c in zip(cfg.val_questions, answers, contexts)]
 
 
-def refresh_index(run: Run) -> None:
-    """Re-embed the corpus with the new retriever (each rank its share) and rebuild the FAISS index."""
-    cfg = run.cfg
+def stale_recall(run: Run) -> dict:
+    """val_recall@{5,1}_stale: the new query encoder against the passage vectors of before the refresh, i.e.
+    what skipping the refresh would cost (call it before `refresh_index`; the eval row after it has the fresh ones)."""
+    if not run.val_items:
+        return {}
+    hits = [h["run"] for h in val_retrieval(run).values()]
+    return {"val_recall@5_stale": sum(h[0] for h in hits) / len(hits),
+            "val_recall@1_stale": sum(h[1] for h in hits) / len(hits)}
+
+
+def refresh_index(run: Run) -> float:
+    """Re-embed the corpus with the new retriever (each rank its share) and rebuild the FAISS index; its seconds."""
+    cfg, started = run.cfg, time.time()
     with run.autocast():
         emb = embed_corpus(run.retriever, passage_texts(run.pindex.passages), cfg.embed_batch_size)  # (N, d) all ranks
     run.pindex.index = make_faiss_index(emb, cfg.index_factory, cfg.nprobe, cfg.ef_search)
     run.pindex.embeddings = emb
     run.state.index_version += 1
+    return time.time() - started
 
 
 # ----------------------------------------------------------------------------------------------
 # the metrics log
 
 
-def log_eval(run: Run) -> None:
-    """Evaluate and log one row (also printed on rank 0)."""
+def log_eval(run: Run, extra: dict | None = None) -> None:
+    """Evaluate and log one row, with `extra` values in it (also printed on rank 0)."""
     st = run.state
-    row = {"step": st.step, "phase": run.phase, "phase_index": st.phase_index, **estimate_loss(run),
+    row = {"step": st.step, "phase": run.phase, "phase_index": st.phase_index, **estimate_loss(run), **(extra or {}),
            "retriever_version": st.ret_step, "index_version": st.index_version}
     run.log.log(row)
     if distributed.is_main_process() and "val_loss" in row:

@@ -372,6 +372,10 @@ def test_full_cycle_in_one_process(single_run):
         assert all(k in r for r in evals), k
     assert [r["step"] for r in evals] == [0, 2, 3, 4, 6, 8, 9]  # every 2 steps and at each phase end
     assert evals[-1]["index_version"] == 1 and evals[0]["index_version"] == 0  # refreshed once
+    # the row after the refresh holds the recall an unrefreshed index would have given, and the refresh time
+    [after] = [r for r in evals if "refresh_s" in r]
+    assert after["step"] == 6 and after["index_version"] == 1 and after["refresh_s"] > 0
+    assert 0 <= after["val_recall@1_stale"] <= after["val_recall@5_stale"] <= 1
 
     # final artefacts load with the plain libraries
     import faiss
