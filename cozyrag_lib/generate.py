@@ -1,6 +1,6 @@
 """Generation: batched answers from prompts, and cleaning what the generator says.
 
-    >>> answers = generate_answers(model, tokenizer, prompts, max_new_tokens=48)   # greedy, stops at EOS or newline
+    >>> answers = generate_answers(model, tokenizer, prompts, max_new_tokens=48)  # doctest: +SKIP
     >>> postprocess_answer("A: Paris<|im_end|>\\nQ: next question")
     'Paris'
 """
@@ -20,6 +20,21 @@ _SPECIAL = re.compile(r"<\|[^|>]*\|>|</?s>|<(?:SEP|sep|pad|PAD|unk|UNK|CLS|cls|M
 # "Context:" label after a space. An "A:" inside the answer is content ("Vitamin A: a nutrient"), not a cut.
 _RUN_ON = re.compile(r"\n|\s(?:Q|Question|Context):(?=\s|$)")
 _LEAD = re.compile(r"^\s*(?:A|Answer)\s*:\s*", re.IGNORECASE)
+# The end of a first sentence once a second one has begun: ".", "!" or "?" after two lower-case letters or
+# digits (so "U.S." and "Dr." do not end one), maybe a closing quote or bracket, then space and more text.
+_SENTENCE_END = re.compile(r"(?<=[a-z0-9%]{2})[.!?][\"')\]]?(?=\s+\S)")
+
+
+def first_sentence(text: str) -> str:
+    """The text up to the end of its first sentence (all of it when it has one sentence).
+
+    >>> first_sentence("Paris is the capital of France. It lies on the Seine.")
+    'Paris is the capital of France.'
+    >>> first_sentence("The U.S. Army was founded in 1775. Later ...")
+    'The U.S. Army was founded in 1775.'
+    """
+    m = _SENTENCE_END.search(text)
+    return text[:m.end()] if m else text
 
 
 def postprocess_answer(text: str, prompt: str | None = None) -> str:
@@ -44,25 +59,29 @@ def postprocess_answer(text: str, prompt: str | None = None) -> str:
 
 
 class _StopAtNewline:
-    """Stopping criterion: a row is done once its generated text has a newline after some content."""
+    """Stopping criterion: a row is done once its generated text has a newline after some content (with
+    `sentence`, also once a second sentence has begun)."""
 
-    def __init__(self, tokenizer, prompt_len: int):
-        self.tokenizer, self.prompt_len = tokenizer, prompt_len
+    def __init__(self, tokenizer, prompt_len: int, sentence: bool = False):
+        self.tokenizer, self.prompt_len, self.sentence = tokenizer, prompt_len, sentence
 
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
         new = self.tokenizer.batch_decode(input_ids[:, self.prompt_len:], skip_special_tokens=True)  # (B,) so far
-        return torch.tensor(["\n" in t.lstrip() for t in new], device=input_ids.device)
+        done = ["\n" in t.lstrip() or (self.sentence and _SENTENCE_END.search(t) is not None) for t in new]
+        return torch.tensor(done, device=input_ids.device)
 
 
 @torch.no_grad()
 def generate_answers(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 48, batch_size: int = 8,
                      do_sample: bool = False, temperature: float = 0.6, top_k: int = 70, top_p: float = 0.95,
-                     add_special_tokens: bool = True, seed: int | None = None) -> list[str]:
+                     add_special_tokens: bool = True, seed: int | None = None, one_sentence: bool = False) -> list[str]:
     """Answers for `prompts`, generated `batch_size` at a time (greedy unless do_sample), cleaned.
 
     Prompts are left-padded so every row's new tokens start at the same column. A row stops at EOS
     or at a newline; `postprocess_answer` removes what a small model appends anyway.
     Pass add_special_tokens=False for prompts built with a chat template (they hold their own).
+    With one_sentence a row also stops, and its answer ends, at the end of its first sentence: untrained
+    instruct models answer in paragraphs, which costs minutes in an evaluation and only lowers their F1.
     With do_sample and a `seed`, the call samples from its own random stream seeded with it: the same
     prompts and seed give the same answers, and the caller's random streams are left as they were.
     """
@@ -89,9 +108,10 @@ def generate_answers(model, tokenizer, prompts: Sequence[str], max_new_tokens: i
                     dict(do_sample=False, temperature=None, top_k=None, top_p=None)
                 gen = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                                      eos_token_id=tokenizer.eos_token_id,
-                                     stopping_criteria=StoppingCriteriaList([_StopAtNewline(tokenizer, width)]), **sampling)
+                                     stopping_criteria=StoppingCriteriaList([_StopAtNewline(tokenizer, width, one_sentence)]),
+                                     **sampling)
                 texts = tokenizer.batch_decode(gen[:, width:], skip_special_tokens=True)  # (B,) new tokens only
-                out += [postprocess_answer(t) for t in texts]
+                out += [first_sentence(postprocess_answer(t)) if one_sentence else postprocess_answer(t) for t in texts]
     finally:
         tokenizer.padding_side = side
     return out

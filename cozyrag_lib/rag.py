@@ -79,6 +79,7 @@ class RAG:
     name: str = ""
     sentences: Any = field(default=None, repr=False)  # SentenceCache: passage sentence embeddings, kept across calls
     passage_encoder: Any = field(default=None, repr=False)  # embedded the passages: the retriever, unless query_only
+    one_sentence: bool = False  # answers end at their first sentence (base: models, which answer in paragraphs)
 
     @classmethod
     def load(cls, run: str | Path, corpus: str | Path | None = None, device: str | None = None,
@@ -116,7 +117,7 @@ class RAG:
             pindex = PassageIndex.load(index_dir, paths.passages, retriever=ret_spec).configure(cfg, paths.bm25)
         name = f"{'base' if base else 'trained'}:{run_dir.name}"
         return cls(cfg, generator, tokenizer, retriever, pindex, name,
-                   SentenceCache(passage_encoder, cfg.embed_batch_size), passage_encoder)
+                   SentenceCache(passage_encoder, cfg.embed_batch_size), passage_encoder, one_sentence=base)
 
     @property
     def device(self) -> torch.device:
@@ -185,7 +186,8 @@ class RAG:
         prompts = [format_prompt(self.tokenizer, q, c, cfg.prompt_template) for q, c in zip(questions, prompted)]
         answers = generate_answers(self.generator, self.tokenizer, prompts, cfg.max_new_tokens, max(n, 1),
                                    cfg.do_sample, cfg.temperature, cfg.sample_top_k, cfg.top_p,
-                                   add_special_tokens=cfg.prompt_template != CHAT, seed=cfg.seed)
+                                   add_special_tokens=cfg.prompt_template != CHAT, seed=cfg.seed,
+                                   one_sentence=self.one_sentence)
         t3 = time.perf_counter()
         timings = {"retrieve_s": (t1 - t0) / n, "context_s": (t2 - t1) / n, "generate_s": (t3 - t2) / n,
                    "total_s": (t3 - t0) / n}

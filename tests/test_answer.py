@@ -179,3 +179,17 @@ def test_answer_sentence_is_where_the_answer_was_read():
     assert answer_sentence("Jane Austen", sents) == sents[1]
     assert answer_sentence("the year 1813", sents) == sents[0]  # no sentence holds it: most shared words
     assert answer_sentence("Paris", sents) is None and answer_sentence("", sents) is None
+
+
+def test_base_models_answer_in_one_sentence(base_rag):
+    """base: runs stop at the end of the first sentence; the same greedy answer, cut short."""
+    import dataclasses
+
+    from cozyrag_lib.generate import first_sentence
+
+    assert base_rag.one_sentence
+    qs = ["What is anarchism?", "Who was Ada Lovelace?", "What is the capital of France?"]
+    short = [o["answer"] for o in base_rag.answer_batch(qs)]
+    long = [o["answer"] for o in dataclasses.replace(base_rag, one_sentence=False).answer_batch(qs)]
+    assert all(first_sentence(s) == s for s in short)
+    assert all(lg.startswith(s) for s, lg in zip(short, long))

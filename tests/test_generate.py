@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from cozyrag_lib.generate import _StopAtNewline, postprocess_answer
+from cozyrag_lib.generate import _StopAtNewline, first_sentence, postprocess_answer
 
 
 @pytest.mark.parametrize("raw, want", [
@@ -44,3 +44,29 @@ def test_stop_at_newline_waits_for_content():
                          [1, 1, 0, 1],   # a leading newline, then content: keep going
                          [1, 1, 1, 1]])  # no newline yet
     assert stop(rows, None).tolist() == [True, False, False, False]
+
+
+@pytest.mark.parametrize("raw, want", [
+    ("Paris is the capital. It lies on the Seine.", "Paris is the capital."),
+    ("The U.S. Army was founded in 1775. Later it grew.", "The U.S. Army was founded in 1775."),  # no cut at U.S.
+    ("Dr. Smith wrote it in 1901! Then more.", "Dr. Smith wrote it in 1901!"),
+    ('He said "yes." Then left.', 'He said "yes."'),
+    ("299,792,458 m/s", "299,792,458 m/s"),  # one sentence: all of it
+    ("It ends here.", "It ends here."),
+])
+def test_first_sentence(raw, want):
+    assert first_sentence(raw) == want
+
+
+class _Words:
+    """Decodes ids as words (0 = "Paris", 1 = " is", 2 = ".", 3 = " It")."""
+
+    def batch_decode(self, rows, skip_special_tokens=True):
+        return ["".join({0: "Paris", 1: " is", 2: ".", 3: " It"}[int(i)] for i in row) for row in rows]
+
+
+def test_stop_at_the_first_sentence_only_when_asked():
+    rows = torch.tensor([[0, 1, 2, 3],   # "Paris is. It": a second sentence began
+                         [0, 1, 2, 2]])  # "Paris is..": not yet
+    assert _StopAtNewline(_Words(), 0, sentence=True)(rows, None).tolist() == [True, False]
+    assert _StopAtNewline(_Words(), 0)(rows, None).tolist() == [False, False]

@@ -21,7 +21,7 @@ LIB = Path(__file__).resolve().parent.parent / "cozyrag_lib"
 
 
 @pytest.mark.parametrize("module", ["paths", "report", "train_data", "metrics", "text", "config", "distributed",
-                                    "evaluate", "chunking", "qa", "embedding", "retriever_losses", "tables"])
+                                    "evaluate", "chunking", "qa", "embedding", "retriever_losses", "tables", "generate"])
 def test_module_examples_run(module):
     m = importlib.import_module(f"cozyrag_lib.{module}")
     result = doctest.testmod(m, optionflags=doctest.ELLIPSIS)
