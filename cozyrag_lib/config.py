@@ -116,8 +116,10 @@ class Config:
         "Who wrote 'Pride and Prejudice'?", "What is the speed of light?",
         "Describe the function of mitochondria.",
     ])  # answered and logged after each generator phase
-    mlflow: bool = False  # log to MLflow when it is installed
-    mlflow_uri: str = "mlruns"  # MLflow tracking URI
+    mlflow: bool = False  # log params, metrics and the final artefacts to MLflow (pip install mlflow)
+    mlflow_uri: str = "sqlite:///outputs/mlflow/mlflow.db"  # tracking URI: a database file (artefacts beside it) or a server
+    mlflow_experiment: str = "cozyrag"  # MLflow experiment the runs are logged under
+    mlflow_log_models: bool = False  # also log final/generator and final/retriever as artefacts (large)
 
     # --- answering -------------------------------------------------------------------------
     max_new_tokens: int = 48  # answer length limit

@@ -66,7 +66,9 @@ def train(cfg: Config, resume: bool = False) -> dict:
     with distributed.process_group(cfg.device) as device:
         run = setup_run(cfg, device, resume)
         try:
-            return train_loop(run)
+            summary = train_loop(run)
+            run.log.log_artifacts(cfg.paths, models=cfg.mlflow_log_models)  # with mlflow=true: to MLflow
+            return summary
         finally:
             run.log.close()
 

@@ -32,7 +32,9 @@ import torch.nn.functional as F
 from tqdm import tqdm  # text bars: they also stream through papermill, where widget bars stay invisible
 
 from . import distributed
+from .atomic import atomic_write_text
 from .config import Config
+from .errors import CozyError, first_line
 from .generate import generate_answers
 from .embedding import embed_corpus, passage_texts
 from .index import RETRIEVAL_MODES, make_faiss_index
@@ -191,17 +193,7 @@ class MetricsLog:
         self.lines = truncate_jsonl(path, keep_lines)
         self.file = open(path, "a", encoding="utf-8")
         if cfg.mlflow:
-            try:
-                import mlflow
-            except ImportError:
-                print("warning: mlflow=true but MLflow is not installed (pip install mlflow); logging to "
-                      f"{path} only", file=sys.stderr)
-            else:
-                mlflow.set_tracking_uri(cfg.mlflow_uri)
-                mlflow.set_experiment("cozyrag")
-                mlflow.start_run(run_name=cfg.run_name)
-                mlflow.log_params({k: str(v)[:500] for k, v in cfg.to_dict().items()})
-                self.mlflow = mlflow
+            self.mlflow = start_mlflow(cfg, resume=keep_lines is not None)
 
     def log(self, row: dict) -> None:
         if not distributed.is_main_process():
@@ -211,14 +203,67 @@ class MetricsLog:
         self.file.flush()
         self.lines += 1
         if self.mlflow:
-            self.mlflow.log_metrics({k.replace("@", "_at_"): v for k, v in row.items()
-                                     if isinstance(v, (int, float)) and k not in ("step", "time")}, step=row["step"])
+            self.mlflow.log_metrics({mlflow_key(k): v for k, v in row.items() if isinstance(v, (int, float))
+                                     and not isinstance(v, bool) and k not in ("step", "time")}, step=row["step"])
+
+    def log_artifacts(self, paths, models: bool = False) -> None:
+        """At the end of training: the run's small files (metrics, validation answers, config, index manifest,
+        plots) and, with `models`, the final generator and retriever folders, as MLflow artefacts."""
+        if not (distributed.is_main_process() and self.mlflow):
+            return
+        for f in (paths.metrics, paths.val_answers, paths.config(paths.train), paths.final_index / "manifest.json"):
+            if f.is_file():
+                self.mlflow.log_artifact(str(f), artifact_path=f.parent.name)
+        if paths.plots.is_dir():
+            self.mlflow.log_artifacts(str(paths.plots), artifact_path="plots")
+        if models:
+            for folder in (paths.final_generator, paths.final_retriever):
+                self.mlflow.log_artifacts(str(folder), artifact_path=f"final/{folder.name}")
 
     def close(self) -> None:
         if distributed.is_main_process():
             self.file.close()
             if self.mlflow:
                 self.mlflow.end_run()
+
+
+def mlflow_key(name: str) -> str:
+    """A metric name MLflow accepts (no '@'): val_recall@5 -> val_recall_at_5."""
+    return name.replace("@", "_at_")
+
+
+def start_mlflow(cfg: Config, resume: bool):
+    """The mlflow module with this run's MLflow run started, or None (with a warning) where MLflow is missing.
+
+    A new run logs the config as parameters and keeps its MLflow run id in train/mlflow_run_id; a resumed run
+    continues that MLflow run. A `sqlite:///DIR/x.db` store keeps its artefacts beside it, in DIR/artifacts.
+    """
+    try:
+        import mlflow  # optional and slow to import: only when asked for
+    except ImportError:
+        print("warning: mlflow=true but MLflow is not installed (pip install mlflow); logging to "
+              f"{cfg.paths.metrics} only", file=sys.stderr)
+        return None
+    artifacts = None
+    if cfg.mlflow_uri.startswith("sqlite:///"):
+        db = Path(cfg.mlflow_uri[len("sqlite:///"):])
+        db.parent.mkdir(parents=True, exist_ok=True)
+        artifacts = (db.parent / "artifacts").resolve().as_uri()
+    id_file = cfg.paths.train / "mlflow_run_id"
+    run_id = id_file.read_text().strip() if resume and id_file.is_file() else None
+    try:
+        mlflow.set_tracking_uri(cfg.mlflow_uri)
+        if mlflow.get_experiment_by_name(cfg.mlflow_experiment) is None:
+            mlflow.create_experiment(cfg.mlflow_experiment, artifact_location=artifacts)
+        mlflow.set_experiment(cfg.mlflow_experiment)
+        active = mlflow.start_run(run_id=run_id, run_name=None if run_id else cfg.run_name)
+        if not run_id:
+            mlflow.log_params({k: str(v)[:500] for k, v in cfg.to_dict().items()})
+    except Exception as e:  # a file-store path recent MLflow refuses, a server that does not answer, ...
+        raise CozyError(f"mlflow_uri={cfg.mlflow_uri}: {first_line(e)}") from None
+    if not run_id:
+        atomic_write_text(id_file, active.info.run_id + "\n")
+    return mlflow
 
 
 def reduce_mean(parts: dict[str, torch.Tensor | float]) -> dict[str, float]:

@@ -327,7 +327,9 @@ def test_max_train_descriptions_keeps_every_factoid(stages):
 
 
 def test_mlflow_is_optional(tmp_path, capsys):
-    cfg = load_config("tiny", mlflow=True, mlflow_uri=str(tmp_path / "mlruns"))
+    cfg = load_config("tiny", mlflow=True, mlflow_uri=f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}",
+                      out_root=str(tmp_path), run_name="r")
+    cfg.paths.train.mkdir(parents=True)
     log = train_eval.MetricsLog(tmp_path / "metrics.jsonl", cfg)
     log.log({"step": 0, "val_recall@5": 0.5})
     log.close()
