@@ -1,13 +1,15 @@
 """Checkpoints (everything `--resume` needs, under train/checkpoints/last/) and the final models.
 
     train/checkpoints/last/
-        generator/, retriever/   the models being trained (plain HF / sentence-transformers folders)
+        generator/, retriever/   the models being trained (plain HF / sentence-transformers folders; with
+                                 lora_r > 0 generator/ holds the LoRA adapter alone, see `lora.py`)
         optimizers.pt            both AdamW states
         state.pt                 TrainState + every rank's RNG states + world size + weight checksums
         embeddings.npy           the refreshed index's vectors (only once a refresh happened)
         phase_data.json          the current phase's retrieval results (so a resumed phase sees the same)
         config.json              the config the run was started with
-    final/{generator,retriever,index}/   the trained models and the refreshed index (`rag.RAG.load`)
+    final/{generator,retriever,index}/   the trained models and the refreshed index (`rag.RAG.load`); with LoRA
+                                         final/generator/ is the adapter, or with lora_merge the merged model
 
 A checkpoint folder is written under a temporary name and swapped in (`atomic_dir`): a crash leaves
 the previous one.
@@ -29,6 +31,7 @@ from . import distributed
 from .atomic import atomic_dir
 from .errors import CozyError, first_line
 from .index import save_index
+from .lora import save_generator
 from .models import retriever_identity
 from .paths import RunPaths
 from .train_state import Run, TrainState
@@ -65,8 +68,7 @@ def save_checkpoint(run: Run) -> None:
         st = {**run.state.to_dict(), "metrics_lines": run.log.lines, "rng": rngs, "world_size": distributed.get_world_size(),
               "weight_checksums": checksums}
         with atomic_dir(run.cfg.paths.checkpoint) as tmp:
-            run.generator.save_pretrained(tmp / "generator", safe_serialization=True)
-            run.tokenizer.save_pretrained(tmp / "generator")
+            save_generator(run.generator, run.tokenizer, tmp / "generator", run.cfg)
             run.retriever.save(str(tmp / "retriever"))
             torch.save({"generator": run.opt_generator.state_dict(), "retriever": run.opt_retriever.state_dict()},
                        tmp / "optimizers.pt")
@@ -106,8 +108,7 @@ def save_final(run: Run) -> dict:
     cfg, paths = run.cfg, run.cfg.paths
     if distributed.is_main_process():
         with atomic_dir(paths.final_generator) as tmp:
-            run.generator.save_pretrained(tmp, safe_serialization=True)
-            run.tokenizer.save_pretrained(tmp)
+            save_generator(run.generator, run.tokenizer, tmp, cfg, merge=cfg.lora_merge)
         with atomic_dir(paths.final_retriever) as tmp:
             run.retriever.save(str(tmp))
         manifest = {**run.pindex.manifest, "version": run.state.index_version,

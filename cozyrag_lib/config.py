@@ -89,6 +89,11 @@ class Config:
     warmup_steps: int = 10  # linear warmup, then cosine decay to 10%
     weight_decay: float = 0.0  # AdamW weight decay
     grad_clip: float = 1.0  # clip the global gradient norm before each optimizer step (0 = off)
+    lora_r: int = 0  # 0 = full fine-tuning of the generator; > 0 = LoRA adapters of this rank (peft), base weights frozen
+    lora_alpha: int = 16  # LoRA scaling: the adapters' update is multiplied by lora_alpha / lora_r
+    lora_dropout: float = 0.0  # dropout on the LoRA adapters' input
+    lora_targets: list[str] = field(default_factory=list)  # modules LoRA adapts (q_proj,v_proj); empty = peft's default for the architecture
+    lora_merge: bool = False  # with lora_r > 0: final/generator holds the merged full model instead of the adapter
     precision: str = "fp32"  # fp32, bf16 (autocast; faster on recent GPUs and CPUs with AMX), or auto (bf16 where fast)
     top_k: int = 4  # passages retrieved per question
     max_length: int = 256  # hard limit on prompt + answer tokens
@@ -233,6 +238,12 @@ def validate(cfg: Config) -> Config:
     for k in ["retriever_temperature", "target_temperature", "temperature"]:
         if getattr(cfg, k) <= 0:
             raise CozyError(f"config: {k} must be positive, got {getattr(cfg, k)}")
+    if cfg.lora_r < 0:
+        raise CozyError(f"config: lora_r must not be negative (0 = full fine-tuning), got {cfg.lora_r}")
+    if cfg.lora_alpha <= 0:
+        raise CozyError(f"config: lora_alpha must be positive, got {cfg.lora_alpha}")
+    if not 0 <= cfg.lora_dropout < 1:
+        raise CozyError(f"config: lora_dropout must be in [0, 1), got {cfg.lora_dropout}")
     if not 0 < cfg.top_p <= 1:
         raise CozyError(f"config: top_p must be in (0, 1], got {cfg.top_p}")
     if cfg.sample_top_k < 0:

@@ -16,16 +16,19 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import sys
 from pathlib import Path
 
 from safetensors import SafetensorError
 
 from .atomic import atomic_dir
 from .errors import CozyError, first_line
+from .jsonio import read_json
 
 EMBEDDED_GENERATOR = "embedded:smollm2-135m-instruct"
 EMBEDDED_RETRIEVER = "embedded:all-minilm-l6-v2"
 TINY_GENERATOR = "tiny:gpt2"
+ADAPTER_CONFIG = "adapter_config.json"  # peft's file: a folder holding it is a LoRA adapter, not a whole model
 
 _PACKAGES = {
     # spec -> (PyPI package, import name, file or folder inside it)
@@ -100,10 +103,18 @@ def resolve_generator_path(spec: str, cache_dir: str | Path = "data/models") -> 
     return str(Path(spec).expanduser()) if Path(spec).expanduser().exists() else spec
 
 
-def load_generator(spec: str, cache_dir: str | Path = "data/models", trust_remote_code: bool = False):
-    """(model, tokenizer) for a generator spec. The tokenizer always has a pad token."""
+def load_generator(spec: str, cache_dir: str | Path = "data/models", trust_remote_code: bool = False,
+                   base: str | None = None, trainable: bool = False):
+    """(model, tokenizer) for a generator spec. The tokenizer always has a pad token.
+
+    A folder holding a LoRA adapter (`adapter_config.json`, what training with lora_r > 0 saves) loads as a
+    peft model: the base model `base` (a generator spec, such as the run config's `generator`; default: the
+    adapter's `base_model_name_or_path`) with the adapter on top, its adapter weights `trainable` or frozen.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if is_adapter_folder(spec):
+        return _load_with_adapter(Path(spec), cache_dir, trust_remote_code, base, trainable)
     _quiet_transformers()
     set_offline(spec)
     path = resolve_generator_path(spec, cache_dir)
@@ -114,6 +125,44 @@ def load_generator(spec: str, cache_dir: str | Path = "data/models", trust_remot
         raise _load_error("generator", spec, path, e) from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
+    return model, tok
+
+
+def is_adapter_folder(spec: str | Path) -> bool:
+    """True when `spec` is a folder holding a peft adapter (adapter_config.json) rather than a whole model."""
+    return (Path(spec) / ADAPTER_CONFIG).is_file()
+
+
+def holds_generator(folder: str | Path) -> bool:
+    """True when `folder` holds a saved generator: a whole model (config.json) or a LoRA adapter."""
+    return (Path(folder) / "config.json").is_file() or is_adapter_folder(folder)
+
+
+def is_peft(model) -> bool:
+    """True for a peft model (adapters on a base LM); peft is never imported just to ask."""
+    peft = sys.modules.get("peft")
+    return peft is not None and isinstance(model, peft.PeftModel)
+
+
+def _load_with_adapter(folder: Path, cache_dir, trust_remote_code: bool, base: str | None, trainable: bool):
+    """(peft model, tokenizer): the base generator with the adapter in `folder` on top."""
+    from peft import PeftModel
+
+    base = base or str(read_json(folder / ADAPTER_CONFIG).get("base_model_name_or_path") or "")
+    if not base:
+        raise CozyError(f"{folder}: a LoRA adapter that names no base model; pass the generator it was trained on")
+    model, tok = load_generator(base, cache_dir, trust_remote_code)
+    if is_peft(model):  # the base is itself an adapter folder: fold it in, as training did before adding this one
+        model = model.merge_and_unload()
+    if (folder / "tokenizer_config.json").is_file():  # training saves the tokenizer beside the adapter
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code, local_files_only=True)
+        tok.pad_token = tok.pad_token or tok.eos_token
+    try:
+        model = PeftModel.from_pretrained(model, str(folder), is_trainable=trainable)
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:  # missing, damaged, another base
+        raise _load_error("generator", str(folder), str(folder), e) from None
     return model, tok
 
 

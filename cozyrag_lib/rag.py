@@ -31,7 +31,7 @@ from .generate import generate_answers
 from .embedding import embed_texts, passage_texts
 from .index import MANIFEST_FILE, PassageIndex, make_faiss_index, read_manifest
 from .jsonio import read_json
-from .models import autocast, load_generator, load_retriever, use_bf16
+from .models import autocast, holds_generator, load_generator, load_retriever, use_bf16
 from .paths import RunPaths
 from .retrieval import CHAT, SentenceCache, format_prompt, rank_sentences, retrieve, truncate_tokens
 
@@ -96,11 +96,12 @@ class RAG:
         if base:
             gen_spec, ret_spec, index_dir = cfg.generator, cfg.retriever, paths.index
         else:
-            if not (paths.final_generator / "config.json").is_file():
+            if not holds_generator(paths.final_generator):
                 raise CozyError(f"{run_dir}: no trained model in {paths.final}/ (train it first, or use base:{run_dir} "
                                 f"for the untrained models)")
             gen_spec, ret_spec, index_dir = str(paths.final_generator), str(paths.final_retriever), paths.final_index
-        generator, tokenizer = load_generator(gen_spec, cfg.model_cache, cfg.trust_remote_code)
+        # a LoRA run's final/generator is an adapter: it loads on top of the base the run config names
+        generator, tokenizer = load_generator(gen_spec, cfg.model_cache, cfg.trust_remote_code, base=cfg.generator)
         generator.to(dev).eval()
         # bf16 weights where the hardware is fast at bf16 (precision "auto") or when asked ("bf16"); on GPUs
         # this halves memory traffic. On a 2-core AMX CPU the prompt pass halves but per-token decoding does

@@ -21,7 +21,8 @@ from .embedding import embedding_dim
 from .index import PassageIndex, make_faiss_index
 from .jsonio import truncate_jsonl
 from .losses import GeneratorLoss, stopword_token_ids
-from .models import load_generator, load_retriever
+from .lora import with_lora
+from .models import is_adapter_folder, is_peft, load_generator, load_retriever
 from .qa import read_qa, seeded_sample
 from .retrieval import SentenceCache, gold_passages
 from .train_data import load_train_items, plan_phases
@@ -31,9 +32,11 @@ from .train_steps import AnswerLM, RetrieverEncoder
 
 
 def adamw(model: nn.Module, lr: float, weight_decay: float, device: torch.device, fused: bool = True):
-    """AdamW; fused: one kernel updates every parameter (CPU and CUDA) instead of several ops per tensor."""
+    """AdamW over the trainable parameters (with LoRA: the adapters alone); fused: one kernel updates every
+    parameter (CPU and CUDA) instead of several ops per tensor."""
     fused = fused and device.type in ("cpu", "cuda")
-    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, **({"fused": True} if fused else {}))
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **({"fused": True} if fused else {}))
 
 
 def resume_from(cfg: Config, resume: bool):
@@ -51,9 +54,19 @@ def resume_from(cfg: Config, resume: bool):
 
 
 def load_models(cfg: Config, device: torch.device, ckpt):
-    """(generator, tokenizer, retriever, passage encoder), from the checkpoint when resuming."""
+    """(generator, tokenizer, retriever, passage encoder), from the checkpoint when resuming.
+
+    A LoRA checkpoint holds the adapter alone: it is loaded, trainable, on top of a fresh load of cfg.generator.
+    A generator spec that is itself an adapter folder (a LoRA run's final/generator) trains merged into its base.
+    """
+    if ckpt and is_adapter_folder(ckpt / "generator") != bool(cfg.lora_r):
+        saved = read_checkpoint_file(ckpt / "config.json").get("lora_r", 0)
+        raise CozyError(f"{ckpt}: a checkpoint of a run with lora_r={saved}; resume with --lora_r={saved}, "
+                        f"or delete {ckpt} to train from the start")
     generator, tokenizer = load_generator(str(ckpt / "generator") if ckpt else cfg.generator, cfg.model_cache,
-                                          cfg.trust_remote_code)
+                                          cfg.trust_remote_code, base=cfg.generator if ckpt else None, trainable=True)
+    if is_peft(generator) and not ckpt:  # peft froze the base: every merged weight trains again (or gets LoRA)
+        generator = generator.merge_and_unload().requires_grad_(True)
     generator.to(device)
     retriever = load_retriever(str(ckpt / "retriever") if ckpt else cfg.retriever, str(device), cfg.trust_remote_code)
     passage_encoder = retriever
@@ -95,6 +108,7 @@ def make_run(cfg: Config, device: torch.device, generator, tokenizer, retriever,
 
     `setup_run` (training) and `bench train` (a generator phase alone) both build their run here.
     """
+    generator = with_lora(generator, cfg)  # lora_r > 0: adapters on a frozen generator (kept when resumed)
     gen_model, ret_model = wrap_ddp(generator, retriever, device)
     passage_encoder = passage_encoder or retriever
     run = Run(cfg=cfg, device=device, generator=generator, tokenizer=tokenizer, retriever=retriever,

@@ -17,7 +17,7 @@ from torch import nn
 from . import distributed
 from .errors import CozyError
 from .embedding import passage_texts
-from .models import eval_mode, unwrap
+from .models import eval_mode, is_peft, unwrap
 from .retrieval import collate, encode_example, to_device, truncate_tokens
 from .retriever_losses import contrastive_retriever_loss, gold_passage_loss, lm_supervised_retriever_loss
 from .train_state import Run
@@ -28,6 +28,8 @@ from .train_state import Run
 
 def base_model_of(lm: nn.Module) -> nn.Module:
     """The transformer under a causal LM's head (GPT-2: .transformer, Llama: .model), found generically."""
+    if is_peft(lm):  # LoRA: the causal LM under peft's wrapper, its adapters in place
+        lm = lm.get_base_model()
     base = getattr(lm, "base_model", None)
     if base is not None and base is not lm:
         return base

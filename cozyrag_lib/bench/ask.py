@@ -15,6 +15,7 @@ import numpy as np
 from tqdm import tqdm  # text bars: they also stream through papermill, where widget bars stay invisible
 
 from ..errors import CozyError
+from ..models import holds_generator
 from ..qa import read_qa
 from ..rag import RAG
 from .common import device_name, run_with_stages
@@ -42,7 +43,7 @@ def bench_ask(parsed) -> dict[str, Any]:
     if opts["questions"] < 1:
         raise CozyError("bench ask: --questions must be at least 1")
     cfg = run_with_stages(parsed.config())
-    trained = (cfg.paths.final_generator / "config.json").is_file()
+    trained = holds_generator(cfg.paths.final_generator)
     spec = ("" if trained else "base:") + str(cfg.run_dir)
     rag = RAG.load(spec, **{k: v for k, v in overrides.items() if k not in ("out_root", "run_name")})
     questions = bench_questions(cfg, opts["warmup"] + opts["questions"])
