@@ -68,13 +68,18 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None):
                           text=True, env={**os.environ, **(env or {})}, timeout=600)
 
 
-@pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory, model_cache):
-    """Config of a tiny run with stages 1-3 done (QA splits, passages, index); shared, treat as read-only."""
+def tiny_stages(out_root: Path, model_cache: Path, **overrides):
+    """Config of a tiny run under `out_root` with stages 1-3 done (QA splits, passages, index)."""
     from cozyrag_lib import build_index, chunk_corpus, load_config, prepare_qa
 
-    cfg = load_config("tiny", out_root=str(tmp_path_factory.mktemp("runs")), model_cache=str(model_cache))
+    cfg = load_config("tiny", out_root=str(out_root), model_cache=str(model_cache), **overrides)
     prepare_qa(cfg)
     chunk_corpus(cfg)
     build_index(cfg)
     return cfg
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, model_cache):
+    """Config of a tiny run with stages 1-3 done; shared, treat as read-only."""
+    return tiny_stages(tmp_path_factory.mktemp("runs"), model_cache)

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from conftest import tiny_stages
 from cozyrag_lib import lora, train
 from cozyrag_lib.config import load_config
 from cozyrag_lib.errors import CozyError
@@ -28,16 +29,7 @@ RUN_ARGS = dict(lora_r=4, lora_alpha=8, lr_generator=1e-2, warmup_steps=0, max_t
 
 @pytest.fixture(scope="module")
 def stages(tmp_path_factory, model_cache):
-    from cozyrag_lib.chunking import chunk_corpus
-    from cozyrag_lib.index import build_index
-    from cozyrag_lib.qa import prepare_qa
-
-    cfg = load_config("tiny", out_root=str(tmp_path_factory.mktemp("lora") / "runs"), model_cache=str(model_cache),
-                      **STAGE_ARGS)
-    prepare_qa(cfg)
-    chunk_corpus(cfg)
-    build_index(cfg)
-    return cfg
+    return tiny_stages(tmp_path_factory.mktemp("lora") / "runs", model_cache, **STAGE_ARGS)
 
 
 def run_config(stages, name: str, **kw):

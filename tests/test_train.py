@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, tiny_stages
 from cozyrag_lib import checkpoint, launch, report, train, train_data, train_eval, train_steps
 from cozyrag_lib.paths import RunPaths
 from cozyrag_lib.config import load_config
@@ -39,16 +39,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS
 
 @pytest.fixture(scope="module")
 def stages(tmp_path_factory, model_cache):
-    from cozyrag_lib.chunking import chunk_corpus
-    from cozyrag_lib.index import build_index
-    from cozyrag_lib.qa import prepare_qa
-
-    cfg = load_config("tiny", out_root=str(tmp_path_factory.mktemp("train") / "runs"), model_cache=str(model_cache),
-                      **STAGE_ARGS)
-    prepare_qa(cfg)
-    chunk_corpus(cfg)
-    build_index(cfg)
-    return cfg
+    return tiny_stages(tmp_path_factory.mktemp("train") / "runs", model_cache, **STAGE_ARGS)
 
 
 def new_run(stages, name: str) -> Path:
