@@ -73,19 +73,13 @@ def add_lora(model, cfg: Config):
     return peft_model
 
 
-def parameter_counts(model) -> tuple[int, int]:
-    """(trainable, all) parameters of a model."""
-    params = list(model.parameters())
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
-
-
 def with_lora(generator, cfg: Config):
     """The generator to train: LoRA-wrapped with lora_r > 0 (unless it already carries adapters: a resumed run),
     else as it is. Prints what trains (rank 0)."""
     if cfg.lora_r and not is_peft(generator):
         generator = add_lora(generator, cfg)
     if is_peft(generator) and distributed.is_main_process():
-        trainable, total = parameter_counts(generator)
+        trainable, total = generator.get_nb_trainable_parameters()
         lc = generator.peft_config["default"]
         print(f"LoRA r={lc.r} alpha={lc.lora_alpha} on {','.join(sorted(lc.target_modules))}: {trainable:,} trainable "
               f"parameters of {total:,} ({100 * trainable / total:.2f}%)", flush=True)

@@ -212,3 +212,17 @@ def test_lora_without_peft_installed_is_a_one_line_error(model_cache, monkeypatc
     with pytest.raises(CozyError, match=r"lora_r=4 needs peft: pip install peft") as e:
         lora.add_lora(gpt2, load_config("tiny", lora_r=4))
     assert "\n" not in str(e.value)
+
+
+def test_a_lora_final_as_the_generator_of_a_new_run_trains_merged(lora_run):
+    """generator = a LoRA run's final/generator (an adapter folder): the new run trains every weight of the
+    adapter merged into its base, which answers as the adapter model did."""
+    from cozyrag_lib.train_setup import load_models
+
+    final = RunPaths(lora_run.cfg.run_dir).final_generator
+    cfg = load_config(None, {**lora_run.cfg.to_dict(), "generator": str(final), "lora_r": 0})
+    generator, tokenizer, *_ = load_models(cfg, torch.device("cpu"), None)
+    assert not lora.is_peft(generator) and not any("lora_" in n for n, _ in generator.named_parameters())
+    assert all(p.requires_grad for p in generator.parameters())
+    torch.testing.assert_close(logits(generator, tokenizer), logits(lora_run.generator, lora_run.tokenizer),
+                               rtol=1e-5, atol=1e-5)
