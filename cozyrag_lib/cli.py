@@ -65,8 +65,8 @@ COMMANDS: dict[str, tuple[str, dict[str, tuple[Any, Any, str]]]] = {
                      "limit": (int, 0, "evaluate only the first N questions (0 = all)"),
                      "out": (str, None, "summary JSON path (default RUN/eval/<mode>[-<retrieval>]-<qa name>.json)"),
                  }),
-    "bench": ("Benchmarks, one JSON line each: bench index|train|ask|scale (see `bench --help`).", {
-        "benchmark": (POSITIONAL, REQUIRED, "index, train, ask or scale, then its options"),
+    "bench": ("Benchmarks, one JSON line each: bench index|train|ask|scale|refresh (see `bench --help`).", {
+        "benchmark": (POSITIONAL, REQUIRED, "index, train, ask, scale or refresh, then its options"),
     }),
     "bench index": ("Passages/s of our embedding against raw encode; FAISS build time and recall@10 per index type.", {
         "max_passages": (int, 0, "embed at most this many of the run's passages (0 = all)"), **BENCH_THREADS,
@@ -82,6 +82,8 @@ COMMANDS: dict[str, tuple[str, dict[str, tuple[Any, Any, str]]]] = {
     "bench ask": ("p50 / p95 latency of one-question answer() calls, split into retrieve / context / generate.", {
         "questions": (int, 50, "timed questions"),
         "warmup": (int, 2, "untimed questions first"),
+        "reference": (str, "none", "answer_quantization of a second pipeline timed in turn with the run's "
+                      "(auto, int8 or none; empty: no reference)"),
         **BENCH_THREADS,
     }),
     "bench scale": ("An IVF-PQ index over --n vectors: build time, memory, recall@10, ms per query.", {
@@ -93,6 +95,16 @@ COMMANDS: dict[str, tuple[str, dict[str, tuple[Any, Any, str]]]] = {
         "k_factors": (str, "2,4,8", "re-ranking factors measured"),
         "noise": (float, 1.0, "Gaussian noise added to the tiled embeddings"),
         "k": (int, 10, "neighbours per query"),
+        **BENCH_THREADS,
+    }),
+    "bench refresh": ("Index refresh strategies (stale, full, retrieved, rerank) on a trained run: recall, seconds, "
+                      "passages embedded; with --n their costs at n passages (embedding extrapolated).", {
+        "top_n": (int, 0, "retrieved: top passages per question re-embedded (0 = the config's refresh_top_n)"),
+        "rerank_n": (int, 100, "rerank: stale candidates per question re-embedded and re-scored"),
+        "n": (int, 0, "passages of the synthetic corpus timed at scale (0 = the strategies on the run)"),
+        "sample": (int, 2000, "with --n: corpus-like texts embedded to measure passages/s"),
+        "questions": (int, 10000, "with --n: training questions whose top_n passages are united"),
+        "noise": (float, 1.0, "with --n: Gaussian noise added to the tiled stage-3 embeddings"),
         **BENCH_THREADS,
     }),
 }

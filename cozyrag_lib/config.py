@@ -111,6 +111,8 @@ class Config:
     retriever_temperature: float = 0.1  # tau of the retriever score softmax
     target_temperature: float = 1.0  # temperature of the generator-likelihood target
     query_only: bool = False  # freeze the passage encoder (no index refresh)
+    refresh: str = "full"  # after a retriever phase: full (re-embed every passage), retrieved (train_eval.py), none
+    refresh_top_n: int = 20  # refresh=retrieved: each question's top passages (new queries, stale index) re-embedded
     eval_every: int = 50  # optimizer steps between evaluations
     checkpoint_every: int = 100  # optimizer steps between checkpoints
     max_val_qa: int = 200  # validation questions used for val_loss and val_recall@5
@@ -128,6 +130,7 @@ class Config:
 
     # --- answering -------------------------------------------------------------------------
     max_new_tokens: int = 48  # answer length limit
+    answer_quantization: str = "auto"  # int8: int8 weights when answering on a CPU (quantize.py); none; auto: int8 on CPUs fast at bf16
     do_sample: bool = False  # greedy by default (reproducible)
     temperature: float = 0.6  # sampling temperature
     sample_top_k: int = 70  # sampling top-k
@@ -254,10 +257,16 @@ def validate(cfg: Config) -> Config:
         raise CozyError(f"config: retriever_loss must be lm_supervised or contrastive, got {cfg.retriever_loss!r}")
     if cfg.retrieval not in ("dense", "bm25", "hybrid"):
         raise CozyError(f"config: retrieval must be dense, bm25 or hybrid, got {cfg.retrieval!r}")
+    if cfg.refresh not in ("full", "retrieved", "none"):
+        raise CozyError(f"config: refresh must be full, retrieved or none, got {cfg.refresh!r}")
+    if cfg.refresh_top_n <= 0:
+        raise CozyError(f"config: refresh_top_n must be positive, got {cfg.refresh_top_n}")
     if not cfg.bm25_stemmer.strip():
         raise CozyError("config: bm25_stemmer must name a Snowball stemmer (english, porter, ...) or be none")
     if cfg.precision not in ("fp32", "bf16", "auto"):
         raise CozyError(f"config: precision must be fp32, bf16 or auto, got {cfg.precision!r}")
+    if cfg.answer_quantization not in ("auto", "int8", "none"):
+        raise CozyError(f"config: answer_quantization must be auto, int8 or none, got {cfg.answer_quantization!r}")
     if cfg.qa_format not in ("auto", "squad", "qabot", "tsv", "jsonl"):
         raise CozyError(f"config: qa_format must be auto, squad, qabot, tsv or jsonl, got {cfg.qa_format!r}")
     if cfg.device not in ("auto", "cpu", "cuda"):

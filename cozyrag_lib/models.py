@@ -222,7 +222,8 @@ def _convert_gguf(gguf: Path, out: Path) -> Path:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 
-    print(f"converting {gguf.name} to a Hugging Face folder in {out} (once, about 20 s)", flush=True)
+    # on stderr: a benchmark's stdout is its one JSON line
+    print(f"converting {gguf.name} to a Hugging Face folder in {out} (once, about 20 s)", file=sys.stderr, flush=True)
     local = dict(gguf_file=gguf.name, local_files_only=True)
     tok = AutoTokenizer.from_pretrained(gguf.parent, **local)
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, **local)
@@ -269,6 +270,15 @@ def use_bf16(precision: str, device) -> bool:
         return torch.cuda.is_bf16_supported()
     fast = [getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
     return any(f is not None and f() for f in fast)  # without them bf16 is emulated: slower than fp32
+
+
+def use_int8(quantization: str, device) -> bool:
+    """Whether to answer with int8 weights (`quantize.quantize_int8`): answer_quantization "int8", or "auto"
+    on a CPU fast at bf16 (the int8 kernel multiplies bf16 activations; elsewhere "auto" is "none")."""
+    if quantization == "int8" and device.type != "cpu":
+        raise CozyError(f"answer_quantization=int8 runs on CPUs only (the generator is on {device.type}); "
+                        f"use auto or none there")
+    return quantization == "int8" or (quantization == "auto" and device.type == "cpu" and use_bf16("auto", device))
 
 
 def autocast(precision: str, device):

@@ -14,7 +14,9 @@ Phases (`cfg.phases * cfg.phase_repeats`):
     passages is pulled toward how likely each passage makes the generator say the gold answer (KL), plus
     InfoNCE toward the gold passage when the item knows it; `contrastive`: in-batch InfoNCE on
     (question, the context it retrieved). Afterwards the corpus is re-embedded and the FAISS index
-    rebuilt (`refresh_index`; not with `query_only`, which freezes the passage side).
+    rebuilt (`refresh_index`; not with `query_only`, which freezes the passage side). `refresh=retrieved`
+    re-embeds only the top `refresh_top_n` passages of the run's questions (and their gold passages),
+    `refresh=none` skips it.
 
 The training room, one job a file:
     train.py         the loop and the command line (this file)
@@ -153,7 +155,7 @@ def train_loop(run: Run) -> dict:
         staleness = {}
         if not gen and not cfg.query_only:
             staleness = stale_recall(run)  # before the refresh: the recall an unrefreshed index would give
-            staleness["refresh_s"] = refresh_index(run)
+            staleness.update(refresh_index(run))  # refresh (cfg.refresh), refresh_s, refresh_passages
         log_eval(run, staleness)
         if gen:
             rows = answer_val_questions(run)

@@ -14,7 +14,8 @@ Evaluation (step 0, every `eval_every` steps, each phase end) on `max_val_qa` va
                          from that article
     val_context_has_answer  among extractive questions, share whose built context still holds a gold answer
 After a retriever phase the row also holds `val_recall@{5,1}_stale` (the new query encoder against the old
-passage vectors: what the refresh buys) and `refresh_s` (the refresh's seconds).
+passage vectors: what the refresh buys), `refresh` (cfg.refresh: full, retrieved or none), `refresh_s` (the
+refresh's seconds) and `refresh_passages` (passages re-embedded: all, the retrieved ones, or 0).
 The keys above use the run's `retrieval` mode. When the run has a BM25 index, every mode is also reported
 side by side (the retriever phase trains only the dense side; BM25 does not move, hybrid follows dense):
     val_recall@5_{dense,bm25,hybrid}          val_recall@5 by that mode
@@ -27,6 +28,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm  # text bars: they also stream through papermill, where widget bars stay invisible
@@ -42,7 +44,7 @@ from .jsonio import truncate_jsonl
 from .metrics import (answer_in_text, answer_recall_at_k, evidence_recall_at_k, is_extractive, title_recall_at_k,
                       top_k_accuracy)
 from .models import eval_mode
-from .retrieval import CHAT, build_contexts, collate, encode_example, format_prompt, retrieve, to_device
+from .retrieval import CHAT, build_contexts, collate, encode_example, format_prompt, gold_passages, retrieve, to_device
 from .train_data import contexts_for, sentence_cache, sharded
 from .train_state import Run
 from .train_steps import AnswerLM
@@ -158,15 +160,78 @@ def stale_recall(run: Run) -> dict:
             "val_recall@1_stale": sum(h[1] for h in hits) / len(hits)}
 
 
-def refresh_index(run: Run) -> float:
-    """Re-embed the corpus with the new retriever (each rank its share) and rebuild the FAISS index; its seconds."""
-    cfg, started = run.cfg, time.time()
+def evidence_recall(items: list[dict], passages: list[dict], ids: np.ndarray) -> dict[str, float]:
+    """{"recall@5", "recall@1"}: the share of `items` whose gold evidence (`metrics.evidence_recall_at_k`, as
+    val_recall@5 / @1 count it) is among their retrieved rows `ids` (n, >= 5; -1 = nothing found)."""
+    if not items:
+        return {"recall@5": None, "recall@1": None}
+    tops = [[passages[j] for j in row if j >= 0] for row in ids]
+    return {f"recall@{k}": sum(evidence_recall_at_k(it, top, k) for it, top in zip(items, tops)) / len(items)
+            for k in (5, 1)}
+
+
+def refresh_targets(cfg: Config, items: list[dict], gold: list[int], val_items: list[dict],
+                    passages: list[dict]) -> tuple[list[str], list[int]]:
+    """What refresh=retrieved re-embeds for: (questions, known gold rows). The questions are those the run
+    retrieves for (training items, validation items, cfg.val_questions); the gold rows are the training items'
+    `gold` and the validation items' (`retrieval.gold_passages`), unknown ones (-1) left out."""
+    questions = [it["question"] for it in items] + [it["question"] for it in val_items] + list(cfg.val_questions)
+    rows = [g for g in list(gold) + gold_passages(val_items, passages) if g >= 0]
+    return questions, rows
+
+
+@torch.no_grad()
+def refresh_rows(retriever, pindex, questions: list[str], gold: list[int], top_n: int,
+                 batch_size: int = 64) -> np.ndarray:
+    """Sorted passage rows refresh=retrieved re-embeds: the union of each question's top-`top_n` passages, found
+    by `retriever` (the new query encoder) in `pindex`'s dense index (the stale passage vectors), and `gold`.
+
+    Each rank searches its share of the questions and the rows are gathered, so every rank returns the same array.
+    """
+    share = distributed.shard(len(questions))
+    mine = list(questions[share.start:share.stop])
+    found = np.empty(0, np.int64)
+    for s in range(0, len(mine), 16 * batch_size):  # in slices: ids of a million questions at once need not exist
+        _, _, ids = retrieve(retriever, pindex, mine[s:s + 16 * batch_size], top_n, batch_size, mode="dense")
+        found = np.union1d(found, ids[ids >= 0])
+    parts = distributed.all_gather_object(found)
+    return np.unique(np.concatenate([*parts, np.asarray(gold, np.int64)])).astype(np.int64)
+
+
+def reembed_rows(retriever, pindex, rows: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """`pindex.embeddings` with `rows` re-embedded by `retriever` (sharded over ranks like `embed_corpus`: every
+    rank gets the same matrix); the other rows stay bit for bit. Written in place where the matrix is an
+    in-memory float32 array, else into a copy (a memory-mapped stage-3 matrix is read-only)."""
+    emb = pindex.embeddings
+    if isinstance(emb, np.memmap) or not (isinstance(emb, np.ndarray) and emb.dtype == np.float32
+                                          and emb.flags.writeable and emb.flags.c_contiguous):
+        emb = np.array(emb, dtype=np.float32)  # (N, d)
+    texts = passage_texts([pindex.passages[i] for i in rows])
+    if len(rows):
+        emb[rows] = embed_corpus(retriever, texts, batch_size)  # (len(rows), d), on every rank
+    return emb
+
+
+def refresh_index(run: Run) -> dict:
+    """The index refresh after a retriever phase, by cfg.refresh: `full` re-embeds the corpus with the new
+    retriever (each rank its share), `retrieved` only `refresh_rows` (written into the embeddings matrix), both
+    then rebuild the FAISS index from the matrix and bump index_version; `none` leaves the index as it is.
+    Returns the metrics row's {"refresh", "refresh_s", "refresh_passages" (passages re-embedded)}."""
+    cfg, pidx, started = run.cfg, run.pindex, time.time()
+    if cfg.refresh == "none":
+        return {"refresh": "none", "refresh_s": 0.0, "refresh_passages": 0}
     with run.autocast():
-        emb = embed_corpus(run.retriever, passage_texts(run.pindex.passages), cfg.embed_batch_size)  # (N, d) all ranks
-    run.pindex.index = make_faiss_index(emb, cfg.index_factory, cfg.nprobe, cfg.ef_search)
-    run.pindex.embeddings = emb
+        if cfg.refresh == "retrieved":
+            questions, gold = refresh_targets(cfg, run.items, run.gold, run.val_items, pidx.passages)
+            rows = refresh_rows(run.retriever, pidx, questions, gold, cfg.refresh_top_n, cfg.embed_batch_size)
+            emb, n = reembed_rows(run.retriever, pidx, rows, cfg.embed_batch_size), len(rows)
+        else:
+            emb = embed_corpus(run.retriever, passage_texts(pidx.passages), cfg.embed_batch_size)  # (N, d) all ranks
+            n = len(emb)
+    pidx.index = make_faiss_index(emb, cfg.index_factory, cfg.nprobe, cfg.ef_search)
+    pidx.embeddings = emb
     run.state.index_version += 1
-    return time.time() - started
+    return {"refresh": cfg.refresh, "refresh_s": time.time() - started, "refresh_passages": int(n)}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -118,8 +118,18 @@ def test_bench_ask_reports_latency_percentiles(tiny_run, capsys):
     assert r["questions"] == 3 and r["run"] == f"base:{tiny_run.run_name}"
     for key in ("p50_s", "p95_s", "mean_s", "retrieve_s", "context_s", "generate_s"):
         assert positive(r[key]), key
-    assert r["p50_s"] <= r["p95_s"] and r["generator_dtype"] == "float32"
-    assert r["retrieve_s"] + r["context_s"] + r["generate_s"] <= r["mean_s"] * 1.05
+    assert r["p50_s"] <= r["p95_s"] and r["retrieve_s"] + r["context_s"] + r["generate_s"] <= r["mean_s"] * 1.05
+    # the run's path (answer_quantization auto: int8 on a CPU) beside the unquantised reference, in turn
+    assert (r["generator_weights"], r["reference_generator_weights"]) == ("int8", "float32")
+    assert positive(r["reference_p50_s"]) and r["p50_ratio"] == pytest.approx(r["p50_s"] / r["reference_p50_s"], abs=1e-3)
+    assert 0 <= r["answers_agree"] <= 1
+
+
+def test_bench_ask_without_reference_times_one_path(tiny_run, capsys):
+    r = run_bench(capsys, "ask", *run_args(tiny_run), "--questions=2", "--warmup=1", "--threads=1",
+                  "--reference=", "--answer_quantization=none")
+    assert r["generator_weights"] == "float32" and r["questions"] == 2
+    assert not any(k.startswith("reference") or k.endswith("_ratio") for k in r)
 
 
 def test_bench_scale_small(tiny_run, capsys):

@@ -185,7 +185,7 @@ def test_final_adapter_loads_in_rag_with_the_trained_logits(lora_run):
     final = RunPaths(lora_run.cfg.run_dir).final_generator
     assert (final / "adapter_config.json").is_file() and (final / "adapter_model.safetensors").is_file()
     assert not (final / "model.safetensors").exists()
-    rag = RAG.load(lora_run.cfg.run_dir, device="cpu")
+    rag = RAG.load(lora_run.cfg.run_dir, device="cpu", answer_quantization="none")
     assert lora.is_peft(rag.generator)
     assert torch.equal(logits(rag.generator, rag.tokenizer), logits(lora_run.generator, lora_run.tokenizer))
     out = rag.answer("What is anarchism?")

@@ -5,13 +5,16 @@
     python -m cozyrag_lib bench train --preset=demo --steps=20
         samples/s, tokens/s and MFU of our generator phase against the per-sample loop it replaced
     python -m cozyrag_lib bench ask --preset=demo --questions=50
-        p50 / p95 latency of one-question answer() calls, split into retrieve / context / generate
+        p50 / p95 latency of one-question answer() calls (retrieve / context / generate), beside a reference path
     python -m cozyrag_lib bench scale --preset=demo --n=1000000
         an IVF-PQ index over a million vectors: build time, memory, recall@10, ms per query
+    python -m cozyrag_lib bench refresh --preset=demo [--n=1000000]
+        the index refresh after a retriever phase: recall, seconds and passages embedded per strategy
+        (stale, full, retrieved, rerank) on a trained run; with --n its costs at n passages
 
 Every benchmark takes `--threads=N` (torch and FAISS threads; 0 = their default) and reports the
 1-minute load average: on a machine other jobs share, waiting threads slow every parallel operation.
-Each lives in its own module (`index.py`, `train.py`, `ask.py`, `scale.py`, whose docstrings say what it
+Each lives in its own module (`index.py`, `train.py`, `ask.py`, `scale.py`, `refresh.py`, whose docstrings say what it
 measures), what they share in `common.py`. Their options are declared as `bench NAME` in the command
 table of `cozyrag_lib/cli.py` (`bench NAME --help` lists them), which checks and types the command line before a
 benchmark gets it as a `cli.Parsed` (`.options`, `.config()`). A new benchmark is a function
@@ -30,6 +33,7 @@ from ..cli import COMMANDS, Parsed, help_text, parse_command
 from ..errors import CozyError
 from .ask import bench_ask
 from .index import bench_index
+from .refresh import bench_refresh
 from .scale import bench_scale
 from .train import bench_train
 
@@ -39,6 +43,7 @@ BENCHMARKS: dict[str, Callable[[Parsed], dict[str, Any]]] = {
     "train": bench_train,
     "ask": bench_ask,
     "scale": bench_scale,
+    "refresh": bench_refresh,
 }
 
 
