@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .models import is_peft
+
 DECODE_ROWS = 8  # inputs of at most this many rows (tokens x batch) take the int8 kernel
 
 
@@ -59,8 +61,6 @@ def quantize_int8(model: nn.Module) -> nn.Module:
 
     A peft model is merged into its base first. Inference only: the int8 layers have no gradients.
     """
-    from .models import is_peft
-
     if is_peft(model):
         model = model.merge_and_unload()
     model.to(torch.bfloat16).eval()
