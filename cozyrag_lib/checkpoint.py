@@ -32,6 +32,7 @@ from .atomic import atomic_dir
 from .errors import CozyError, first_line
 from .index import save_index
 from .lora import save_generator
+from .master import full_precision
 from .models import retriever_identity
 from .paths import RunPaths
 from .train_state import Run, TrainState
@@ -68,7 +69,8 @@ def save_checkpoint(run: Run) -> None:
         st = {**run.state.to_dict(), "metrics_lines": run.log.lines, "rng": rngs, "world_size": distributed.get_world_size(),
               "weight_checksums": checksums}
         with atomic_dir(run.cfg.paths.checkpoint) as tmp:
-            save_generator(run.generator, run.tokenizer, tmp / "generator", run.cfg)
+            with full_precision(run.master):  # bf16 weights: save the fp32 copies, so a resume continues exactly
+                save_generator(run.generator, run.tokenizer, tmp / "generator", run.cfg)
             run.retriever.save(str(tmp / "retriever"))
             torch.save({"generator": run.opt_generator.state_dict(), "retriever": run.opt_retriever.state_dict()},
                        tmp / "optimizers.pt")
@@ -107,7 +109,7 @@ def save_final(run: Run) -> dict:
     """
     cfg, paths = run.cfg, run.cfg.paths
     if distributed.is_main_process():
-        with atomic_dir(paths.final_generator) as tmp:
+        with atomic_dir(paths.final_generator) as tmp, full_precision(run.master):
             save_generator(run.generator, run.tokenizer, tmp, cfg, merge=cfg.lora_merge)
         with atomic_dir(paths.final_retriever) as tmp:
             run.retriever.save(str(tmp))

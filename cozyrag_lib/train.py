@@ -57,7 +57,7 @@ from .train_data import PhaseBatches, get_lr, micro_batches, prepare_phase
 from .train_eval import answer_val_questions, log_eval, reduce_mean, refresh_index, stale_recall
 from .train_setup import setup_run
 from .train_state import Run
-from .train_steps import generator_loss, get_batch, retriever_loss, step_weights
+from .train_steps import generator_loss, get_batch, optimizer_step, retriever_loss, step_weights
 
 # ----------------------------------------------------------------------------------------------
 # the loop
@@ -91,7 +91,6 @@ def train_loop(run: Run) -> dict:
         gen = kind == "generator"
         model = run.gen_model if gen else run.ret_model
         opt, lr0 = (run.opt_generator, cfg.lr_generator) if gen else (run.opt_retriever, cfg.lr_retriever)
-        params = [p for g in opt.param_groups for p in g["params"]]
         run.generator.train(gen)
         run.retriever.train(not gen)
         lengths = np.array([len(it["question"]) + len(it["answers"][0]) for it in run.items])
@@ -129,10 +128,7 @@ def train_loop(run: Run) -> dict:
                     sums[k] = sums.get(k, 0.0) + float(v)
                 n_tokens += batch["n_tokens"] if gen else 0
                 n_samples += len(micro[m][2])
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            optimizer_step(opt, cfg.grad_clip, run.master if gen else None)
             st.count_step(kind, epoch, pos)
 
             dt = time.time() - t0

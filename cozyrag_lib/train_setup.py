@@ -22,7 +22,8 @@ from .index import PassageIndex, make_faiss_index
 from .jsonio import truncate_jsonl
 from .losses import GeneratorLoss, stopword_token_ids
 from .lora import with_lora
-from .models import is_adapter_folder, is_peft, load_generator, load_retriever
+from .master import MasterWeights
+from .models import is_adapter_folder, is_peft, load_generator, load_retriever, use_bf16
 from .qa import read_qa, seeded_sample
 from .retrieval import SentenceCache, gold_passages
 from .train_data import load_train_items, plan_phases
@@ -31,11 +32,11 @@ from .train_state import Run, TrainState
 from .train_steps import AnswerLM, RetrieverEncoder
 
 
-def adamw(model: nn.Module, lr: float, weight_decay: float, device: torch.device, fused: bool = True):
-    """AdamW over the trainable parameters (with LoRA: the adapters alone); fused: one kernel updates every
-    parameter (CPU and CUDA) instead of several ops per tensor."""
+def adamw(params, lr: float, weight_decay: float, device: torch.device, fused: bool = True):
+    """AdamW over the trainable ones of `params` (with LoRA: the adapters alone); fused: one kernel updates
+    every parameter (CPU and CUDA) instead of several ops per tensor."""
     fused = fused and device.type in ("cpu", "cuda")
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for p in params if p.requires_grad]
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **({"fused": True} if fused else {}))
 
 
@@ -109,15 +110,18 @@ def make_run(cfg: Config, device: torch.device, generator, tokenizer, retriever,
     `setup_run` (training) and `bench train` (a generator phase alone) both build their run here.
     """
     generator = with_lora(generator, cfg)  # lora_r > 0: adapters on a frozen generator (kept when resumed)
+    # bf16 weights before DDP sees them (its buckets take their dtype); AdamW then steps the fp32 copies
+    master = MasterWeights(generator) if cfg.bf16_weights and use_bf16(cfg.precision, device) else None
     gen_model, ret_model = wrap_ddp(generator, retriever, device)
     passage_encoder = passage_encoder or retriever
     run = Run(cfg=cfg, device=device, generator=generator, tokenizer=tokenizer, retriever=retriever,
               passage_encoder=passage_encoder, gen_model=gen_model, ret_model=ret_model,
-              opt_generator=adamw(generator, cfg.lr_generator, cfg.weight_decay, device, fused_adamw),
-              opt_retriever=adamw(retriever, cfg.lr_retriever, cfg.weight_decay, device, fused_adamw),
+              opt_generator=adamw(master.params if master else generator.parameters(), cfg.lr_generator,
+                                  cfg.weight_decay, device, fused_adamw),
+              opt_retriever=adamw(retriever.parameters(), cfg.lr_retriever, cfg.weight_decay, device, fused_adamw),
               loss_fn=GeneratorLoss.from_config(cfg, keyword_ignore_ids=stopword_token_ids(tokenizer)),
               pindex=pindex, items=items, gold=gold_passages(items, pindex.passages), val_items=list(val_items),
-              plan=plan, state=state)
+              plan=plan, state=state, master=master)
     run.sentence_cache = SentenceCache(passage_encoder, cfg.embed_batch_size, version=state.ret_step)
     return run
 

@@ -76,7 +76,7 @@ class Run:
     passage_encoder: Any  # = retriever, or a frozen copy of the initial one with query_only
     gen_model: nn.Module  # AnswerLM(generator), DDP-wrapped when distributed
     ret_model: nn.Module | None  # RetrieverEncoder(retriever), DDP-wrapped when distributed
-    opt_generator: torch.optim.Optimizer
+    opt_generator: torch.optim.Optimizer  # over master.params with bf16 weights, else the generator's own
     opt_retriever: torch.optim.Optimizer | None
     loss_fn: nn.Module
     pindex: Any  # PassageIndex (index, passages, manifest, embeddings)
@@ -90,6 +90,7 @@ class Run:
     context_cache: dict = field(default_factory=dict)  # (retriever v., index v., n sentences, retrieval) -> {id: context}
     val_cache: dict = field(default_factory=dict)  # (retriever version, index version) -> retrieval results
     log: Any = None  # MetricsLog
+    master: Any = None  # MasterWeights of the generator (bf16_weights under bf16), else None
 
     @property
     def versions(self) -> tuple[int, int]:

@@ -16,6 +16,7 @@ from torch import nn
 
 from . import distributed
 from .errors import CozyError
+from .master import MasterWeights
 from .embedding import passage_texts
 from .models import eval_mode, is_peft, unwrap
 from .retrieval import collate, encode_example, to_device, truncate_tokens
@@ -114,6 +115,19 @@ def generator_loss(run: Run, batch: dict, weights: dict[str, float] | None = Non
         logits = run.gen_model(batch["input_ids"], batch["attention_mask"], batch["positions"])  # (B, L, V)
     total, parts = run.loss_fn(logits.float(), batch, weights)
     return total, {"loss": total.detach(), **parts}
+
+
+def optimizer_step(opt: torch.optim.Optimizer, grad_clip: float, master: MasterWeights | None = None) -> None:
+    """The end of a training step: with master weights the bf16 gradients onto the fp32 copies first; clip the
+    global norm (grad_clip > 0), step, drop the gradients; the stepped copies back into the bf16 model."""
+    if master is not None:
+        master.pull_grads()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], grad_clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    if master is not None:
+        master.push()
 
 
 def step_weights(run: Run, batches: list[dict]) -> list[dict[str, float]]:

@@ -106,6 +106,25 @@ def test_bench_train_reports_both_styles(tiny_run, capsys):
     assert r["settings"]["top_k"] == tiny_run.top_k
 
 
+def test_bench_train_times_bf16_weights_beside_the_autocast_reference(tiny_run, capsys):
+    """Under bf16 ours trains bf16 weights with fp32 copies; the reference is the same step with fp32 weights under
+    autocast, on the same batches; --reference=0 leaves it out."""
+    args = ["train", *run_args(tiny_run), "--generator=tiny:gpt2", "--steps=2", "--threads=1", "--style=ours",
+            "--precision=bf16"]
+    r = run_bench(capsys, *args)
+    assert r["precision"] == "bf16" and r["bf16_weights"] is True
+    for key in ("samples_per_s", "reference_samples_per_s", "vs_reference", "reference_mfu"):
+        assert positive(r[key]), key
+    assert r["vs_reference"] == pytest.approx(r["samples_per_s"] / r["reference_samples_per_s"], abs=1e-3)
+    assert r["samples"] == r["reference_samples"] == 2 * tiny_run.batch_size
+    assert r["real_tokens"] == r["reference_real_tokens"]  # the same questions and contexts
+    assert not any(k.startswith("original_") for k in r)
+    r = run_bench(capsys, *args, "--reference=0")
+    assert not any(k.startswith("reference_") for k in r) and "vs_reference" not in r
+    r = run_bench(capsys, *args[:-1], "--precision=fp32")
+    assert r["bf16_weights"] is False and "vs_reference" not in r
+
+
 def test_bench_train_rejects_bad_options(tiny_run):
     with pytest.raises(CozyError, match="--style must be both or ours"):
         bench.cli(["train", *run_args(tiny_run), "--style=fast"])

@@ -112,14 +112,6 @@ def training_flops(shape: dict[str, int], lengths: list[int], head_positions: in
     return 3 * (forward + 2 * d * shape["vocab"] * head_positions)
 
 
-def clip_and_step(params: list, opt, grad_clip: float) -> None:
-    """The end of a training step as `train_loop` does it: clip the global norm, step, drop the gradients."""
-    if grad_clip:
-        torch.nn.utils.clip_grad_norm_(params, grad_clip)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-
-
 # ----------------------------------------------------------------------------------------------
 # search quality
 

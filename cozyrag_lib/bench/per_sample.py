@@ -18,7 +18,8 @@ import torch
 
 from ..retrieval import encode_example, truncate_tokens
 from ..text import split_sentences
-from .common import Stopwatch, clip_and_step
+from ..train_steps import optimizer_step
+from .common import Stopwatch
 
 
 class PerSampleStep:
@@ -89,7 +90,7 @@ class PerSampleStep:
             loss = out.loss + self.argmax_penalties(out.logits, batch)
             loss.backward()
         with watch("optimizer"):
-            clip_and_step(list(self.lm.parameters()), self.opt, self.cfg.grad_clip)
+            optimizer_step(self.opt, self.cfg.grad_clip)
         B, T = batch["input_ids"].shape
         return {"lengths": [end for _, end in batch["spans"]], "width": T,
                 "head": sum(end - start for start, end in batch["spans"]), "head_processed": B * T, "loss": float(loss.detach())}

@@ -1,7 +1,9 @@
 """`bench train`: samples/s, tokens/s and MFU of the generator phase as `train.py` runs it (contexts built
 in batches once per phase, batches padded to their longest, LM-head logits at answer positions only),
 retrieval and context building included, against the per-sample step it replaced (`PerSampleStep`, in
-`per_sample.py`) on the same questions, the two alternating step by step.
+`per_sample.py`) on the same questions, the two alternating step by step. Under bf16 with `bf16_weights`
+(the generator in bf16, AdamW on fp32 copies: master.py) ours is also timed as it ran before, fp32 weights
+under autocast (`reference_*`, `vs_reference`), in the same rotation.
 
     python -m cozyrag_lib bench train --preset=demo --steps=20
 
@@ -12,7 +14,7 @@ index are used; a run without them is replaced by a small one (500 articles) bui
 temporary folder. The original's settings apply unless given (`original_settings`: top_k 4, 10
 sentences, 128-token context, batch 4, lr 5e-5, as presets/original.toml has them). Options:
 `--steps=20`, `--warmup=1`, `--style=both|ours`, `--generator=SPEC`, `--fused_adamw=0` (ours with the
-per-tensor AdamW instead of training's fused one).
+per-tensor AdamW instead of training's fused one), `--reference=0` (no autocast reference).
 """
 from __future__ import annotations
 
@@ -28,12 +30,12 @@ from .. import distributed
 from ..config import coerce, read_preset
 from ..errors import CozyError
 from ..index import PassageIndex
-from ..models import TINY_GENERATOR, load_generator, load_retriever, resolve_generator_path
+from ..models import TINY_GENERATOR, load_generator, load_retriever, resolve_generator_path, use_bf16
 from ..train_data import PhaseBatches, load_train_items, prepare_phase
 from ..train_setup import make_run
 from ..train_state import Run, TrainState
-from ..train_steps import generator_loss, get_batch
-from .common import (Stopwatch, clip_and_step, device_name, flop_shape, matmul_peak, run_with_stages,
+from ..train_steps import generator_loss, get_batch, optimizer_step
+from .common import (Stopwatch, device_name, flop_shape, matmul_peak, run_with_stages,
                      training_flops)
 from .per_sample import PerSampleStep
 
@@ -85,7 +87,7 @@ def ours_step(run, rows: list[int], watch: Stopwatch) -> dict:
         loss, _ = generator_loss(run, batch)
         loss.backward()
     with watch("optimizer"):
-        clip_and_step(list(run.generator.parameters()), run.opt_generator, run.cfg.grad_clip)
+        optimizer_step(run.opt_generator, run.cfg.grad_clip, run.master)
     head = int(batch["answer_mask"].sum())
     return {"lengths": batch["attention_mask"].sum(1).tolist(), "width": batch["attention_mask"].shape[1],
             "head": head, "head_processed": head, "loss": float(loss.detach())}
@@ -121,47 +123,60 @@ def train_config(parsed):
     return run_with_stages(cfg, fallback_articles=500), device
 
 
-def setup_styles(cfg, device, items: list[dict], steps: int, opts: dict) -> tuple[Run, PerSampleStep | None]:
-    """Our training `Run` of a generator phase of `steps` steps, and (style both) the per-sample step on a
-    copy of the same initial weights, sharing the retriever and passage index."""
+def setup_styles(cfg, device, items: list[dict], steps: int, opts: dict
+                 ) -> tuple[Run, Run | None, PerSampleStep | None]:
+    """Our training `Run` of a generator phase of `steps` steps; (`--reference`, under bf16 with bf16_weights)
+    the same with fp32 weights under autocast; (style both) the per-sample step. Each starts from the same
+    initial weights; they share the retriever and passage index."""
     pindex = PassageIndex.load(cfg.paths.index, cfg.paths.passages, retriever=cfg.retriever)
     retriever = load_retriever(cfg.retriever, str(device), cfg.trust_remote_code)
     lm, tok = bench_generator(opts["generator"], cfg)
     lm.to(device).train()
     other = copy.deepcopy(lm) if opts["style"] == "both" else None  # the same initial weights
+    with_reference = opts["reference"] and cfg.bf16_weights and use_bf16(cfg.precision, device)
+    ref_lm = copy.deepcopy(lm) if with_reference else None
     run = make_run(cfg, device, lm, tok, retriever, pindex, items, [("generator", steps)], TrainState(),
                    fused_adamw=bool(opts["fused_adamw"]))
+    reference = make_run(dataclasses.replace(cfg, bf16_weights=False), device, ref_lm, tok, retriever, pindex, items,
+                         [("generator", steps)], TrainState(), fused_adamw=bool(opts["fused_adamw"])) \
+        if ref_lm is not None else None
     retriever.eval()  # as in a generator phase
     per_sample = PerSampleStep(cfg, other, tok, retriever, pindex, run.autocast) if other is not None else None
-    return run, per_sample
+    return run, reference, per_sample
 
 
-def warm_up(run: Run, per_sample: PerSampleStep | None, warm: list[list[int]]) -> None:
-    """Untimed steps of both styles (thread pools, allocator, kernel choice), then empty caches: the timed
+def warm_up(run: Run, reference: Run | None, per_sample: PerSampleStep | None, warm: list[list[int]]) -> None:
+    """Untimed steps of every style (thread pools, allocator, kernel choice), then empty caches: the timed
     steps pay for retrieval."""
     run.phase_data = prepare_phase(run, "generator", phase_rows(warm))
     for r in warm:
         ours_step(run, r, Stopwatch(run.device))
+        if reference:
+            reference.phase_data = run.phase_data
+            ours_step(reference, r, Stopwatch(run.device))
         if per_sample:
             per_sample.step([run.items[i] for i in r], Stopwatch(run.device))
     run.context_cache, run.phase_data = {}, None
     run.sentence_cache.reset(0)
 
 
-def timed_steps(run: Run, per_sample: PerSampleStep | None, timed: list[list[int]], watch: Stopwatch,
-                watch_ps: Stopwatch) -> tuple[list[dict], list[dict]]:
-    """(ours, per-sample) step records over the `timed` batches, timed in `watch` and `watch_ps`."""
-    ours, theirs = [], []
-    with watch("retrieval"):  # the phase's contexts: batched retrieval and sentence ranking, as prepare_phase does
+def timed_steps(run: Run, reference: Run | None, per_sample: PerSampleStep | None, timed: list[list[int]],
+                watches: dict[str, Stopwatch]) -> dict[str, list[dict]]:
+    """Step records of each style over the `timed` batches, timed in `watches` (ours, reference, per_sample)."""
+    records = {k: [] for k in watches}
+    with watches["ours"]("retrieval"):  # the phase's contexts: batched retrieval and sentence ranking, as prepare_phase does
         run.phase_data = prepare_phase(run, "generator", phase_rows(timed))
+    if reference:  # the same contexts, at the same cost
+        reference.phase_data = run.phase_data
+        watches["reference"].seconds["retrieval"] = watches["ours"].seconds["retrieval"]
+    steps = {"ours": lambda r, w: ours_step(run, r, w), "reference": lambda r, w: ours_step(reference, r, w),
+             "per_sample": lambda r, w: per_sample.step([run.items[i] for i in r], w)}
+    order = list(watches)
     for s, r in enumerate(tqdm(timed, desc="bench train", unit="step")):
-        # alternate which style goes first, so load drift on a shared machine favours neither
-        for style in (("ours", "per_sample") if s % 2 == 0 else ("per_sample", "ours")):
-            if style == "ours":
-                ours.append(ours_step(run, r, watch))
-            elif per_sample:
-                theirs.append(per_sample.step([run.items[i] for i in r], watch_ps))
-    return ours, theirs
+        # rotate which style goes first, so load drift on a shared machine favours none
+        for style in order[s % len(order):] + order[:s % len(order)]:
+            records[style].append(steps[style](r, watches[style]))
+    return records
 
 
 def summary(steps: list[dict], w: Stopwatch, shape: dict[str, int], peak: float, prefix: str = "") -> dict:
@@ -193,24 +208,29 @@ def bench_train(parsed) -> dict[str, Any]:
     items = load_train_items(cfg)
     rows = step_rows(items, cfg, opts["warmup"] + opts["steps"])
     warm, timed = rows[:opts["warmup"]], rows[opts["warmup"]:]
-    run, per_sample = setup_styles(cfg, device, items, len(timed), opts)
+    run, reference, per_sample = setup_styles(cfg, device, items, len(timed), opts)
     with run.autocast():
         bf16 = torch.is_autocast_enabled(device.type)
-    warm_up(run, per_sample, warm)
+    warm_up(run, reference, per_sample, warm)
 
     peak_dtype = torch.bfloat16 if bf16 else torch.float32
     peak = matmul_peak(device, peak_dtype)
     shape = flop_shape(run.generator)
-    watch, watch_ps = Stopwatch(device), Stopwatch(device)
-    ours, theirs = timed_steps(run, per_sample, timed, watch, watch_ps)
+    watches = {k: Stopwatch(device) for k, on in (("ours", True), ("reference", reference), ("per_sample", per_sample))
+               if on}
+    records = timed_steps(run, reference, per_sample, timed, watches)
     peak = max(peak, matmul_peak(device, peak_dtype))  # best of both ends of the run
 
     result = {"benchmark": "train", "generator": opts["generator"],
               "params": sum(p.numel() for p in run.generator.parameters()), "source": str(cfg.run_dir),
               "device": device_name(device), "precision": "bf16" if bf16 else "fp32", "steps": len(timed),
-              "batch_size": cfg.batch_size, **summary(ours, watch, shape, peak)}
+              "batch_size": cfg.batch_size, "bf16_weights": run.master is not None,
+              **summary(records["ours"], watches["ours"], shape, peak)}
+    if reference:
+        result.update(summary(records["reference"], watches["reference"], shape, peak, "reference_"))
+        result["vs_reference"] = round(result["samples_per_s"] / result["reference_samples_per_s"], 4)
     if per_sample:
-        result.update(summary(theirs, watch_ps, shape, peak, "original_"))
+        result.update(summary(records["per_sample"], watches["per_sample"], shape, peak, "original_"))
         result["ratio"] = round(result["samples_per_s"] / result["original_samples_per_s"], 4)
     result.update({"peak_flops": round(peak), "peak_dtype": str(peak_dtype).replace("torch.", ""),
                    "flop_count": "3 x (2 x non-embedding params x real tokens + 4 x layers x width x T^2 per sequence "

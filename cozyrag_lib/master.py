@@ -1,0 +1,66 @@
+"""bf16 weights with fp32 master copies: the generator trains in bf16 without autocast's casts.
+
+Under bf16 autocast each matmul casts its fp32 weight to bf16 in the forward, and the bf16 weight gradient
+back to fp32 in the backward; on a 2-core CPU those copies take a fifth of a generator step (`bench train`
+profile in the README). With `bf16_weights` the model's parameters are bf16, so forward and backward run
+without them, and AdamW steps fp32 copies ("master weights"): an update of lr 1e-4 is below bf16's
+resolution (8 bits of mantissa) and would round away on the bf16 weight itself.
+
+    master = MasterWeights(model)                   # model's parameters now bf16; master.params: fp32 copies
+    opt = torch.optim.AdamW(master.params, lr=1e-4)
+    loss.backward()
+    master.pull_grads()                             # bf16 .grad -> fp32 .grad of the copies
+    clip_grad_norm_(master.params, 1.0); opt.step(); opt.zero_grad()
+    master.push()                                   # the stepped fp32 copies -> bf16 weights
+    with master.fp32():                             # the full-precision weights, e.g. to save them
+        model.save_pretrained(folder)
+
+Only parameters change dtype: buffers (rotary frequencies, masks) stay as the model made them. Frozen
+parameters (a LoRA run's base) become bf16 and get no copy.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+
+class MasterWeights:
+    """fp32 copies of `model`'s trainable parameters, which become bf16 (as do its frozen ones), in place."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.weights = [p for p in model.parameters() if p.requires_grad and p.is_floating_point()]
+        self.params = [p.detach().float().clone().requires_grad_(True) for p in self.weights]
+        for p in model.parameters():
+            if p.is_floating_point():
+                p.data = p.data.to(torch.bfloat16)
+
+    def pull_grads(self) -> None:
+        """Move the model's (bf16) gradients onto the fp32 copies as fp32; the model's are dropped."""
+        for w, m in zip(self.weights, self.params):
+            m.grad = None if w.grad is None else w.grad.float()
+            w.grad = None
+
+    @torch.no_grad()
+    def push(self) -> None:
+        """Copy the fp32 copies (just stepped) into the model's bf16 weights."""
+        torch._foreach_copy_(self.weights, self.params)
+
+    @contextlib.contextmanager
+    def fp32(self):
+        """The model's trainable parameters are the fp32 copies inside the block (bf16 again after it)."""
+        held = [w.data for w in self.weights]
+        for w, m in zip(self.weights, self.params):
+            w.data = m.data
+        try:
+            yield self.model
+        finally:
+            for w, d in zip(self.weights, held):
+                w.data = d
+
+
+def full_precision(master: MasterWeights | None):
+    """`master.fp32()`, or nothing to do without master weights."""
+    return master.fp32() if master is not None else contextlib.nullcontext()
