@@ -33,15 +33,19 @@ class MasterWeights:
         self.model = model
         self.weights = [p for p in model.parameters() if p.requires_grad and p.is_floating_point()]
         self.params = [p.detach().float().clone().requires_grad_(True) for p in self.weights]
+        self.grads = [torch.zeros_like(m) for m in self.params]  # fp32 gradients, one buffer reused every step
         for p in model.parameters():
             if p.is_floating_point():
                 p.data = p.data.to(torch.bfloat16)
 
     def pull_grads(self) -> None:
         """Move the model's (bf16) gradients onto the fp32 copies as fp32; the model's are dropped."""
-        for w, m in zip(self.weights, self.params):
-            m.grad = None if w.grad is None else w.grad.float()
-            w.grad = None
+        have = [i for i, w in enumerate(self.weights) if w.grad is not None]
+        torch._foreach_copy_([self.grads[i] for i in have], [self.weights[i].grad for i in have])
+        for m in self.params:
+            m.grad = None
+        for i in have:
+            self.params[i].grad, self.weights[i].grad = self.grads[i], None
 
     @torch.no_grad()
     def push(self) -> None:
