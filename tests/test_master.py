@@ -1,17 +1,12 @@
 """bf16 weights with fp32 master copies (master.py): dtypes, the fp32 view, updates below bf16's resolution,
-the autocast loss curve, and a training run that checkpoints and saves the fp32 weights."""
+the autocast loss curve (a bf16 training run that saves the fp32 weights: test_train.py)."""
 from __future__ import annotations
-
-import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from cozyrag_lib.master import MasterWeights
-from cozyrag_lib.paths import RunPaths
 from cozyrag_lib.train_steps import optimizer_step
-from test_train import read_metrics, run_training, stages  # noqa: F401  (the module's stage 1-3 fixture)
 
 
 def tiny_llama():
@@ -95,23 +90,3 @@ def test_bf16_weights_follow_the_autocast_loss_curve(make):
     ref, got = train_curve(make(), master=False), train_curve(make(), master=True)
     assert ref[-1] < 0.6 * ref[0]  # the steps learn the batch
     assert got == pytest.approx(ref, rel=0.02)  # within 0.4% here
-
-
-@pytest.mark.slow
-def test_bf16_training_checkpoints_and_saves_the_fp32_weights(stages):  # noqa: F811
-    """precision=bf16: the loop trains bf16 weights, the checkpoint and final generator hold the fp32 copies
-    (values bf16 cannot hold), and the run's validation loss falls."""
-    run_dir = run_training(stages, "bf16", "--precision=bf16", "--phases=generator", "--max_steps_per_phase=4",
-                           "--lr_generator=1e-3", "--warmup_steps=0", "--eval_every=4", "--checkpoint_every=4",
-                           "--batch_size=4")
-    rows = read_metrics(run_dir)
-    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
-    val = [r["val_loss"] for r in rows if "val_loss" in r]
-    assert len(val) == 2 and val[1] < val[0], val
-    paths = RunPaths(run_dir)
-    assert json.loads((paths.checkpoint / "config.json").read_text())["bf16_weights"] is True
-    for folder in (paths.checkpoint / "generator", paths.final_generator):
-        weights = load_file(folder / "model.safetensors")
-        assert all(t.dtype == torch.float32 for t in weights.values()), folder
-        w = max(weights.values(), key=torch.numel)
-        assert not torch.equal(w, w.to(torch.bfloat16).float()), folder  # the fp32 copies, not bf16 weights

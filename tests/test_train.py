@@ -564,6 +564,26 @@ def test_grad_accum_equals_the_same_global_batch(stages, tmp_path):
 
 
 @pytest.mark.slow
+def test_bf16_training_checkpoints_and_saves_the_fp32_weights(stages):
+    """precision=bf16: the loop trains bf16 weights, the checkpoint and final generator hold the fp32 copies
+    (values bf16 cannot hold), and the run's validation loss falls."""
+    run_dir = run_training(stages, "bf16", "--precision=bf16", "--phases=generator", "--max_steps_per_phase=4",
+                           "--lr_generator=1e-3", "--warmup_steps=0", "--eval_every=4", "--checkpoint_every=4",
+                           "--batch_size=4")
+    rows = read_metrics(run_dir)
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
+    val = [r["val_loss"] for r in rows if "val_loss" in r]
+    assert len(val) == 2 and val[1] < val[0], val
+    paths = RunPaths(run_dir)
+    assert json.loads((paths.checkpoint / "config.json").read_text())["bf16_weights"] is True
+    for folder in (paths.checkpoint / "generator", paths.final_generator):
+        weights = safetensors_of(folder)
+        assert all(t.dtype == torch.float32 for t in weights.values()), folder
+        w = max(weights.values(), key=torch.numel)
+        assert not torch.equal(w, w.to(torch.bfloat16).float()), folder  # the fp32 copies, not bf16 weights
+
+
+@pytest.mark.slow
 def test_chat_template_trains_and_answers(stages, monkeypatch):
     """prompt_template="chat" (the tokenizer's chat template; the tiny generator has SmolLM2's): training runs
     and lowers the validation loss, and the trained run answers through the same template, no markup leaking."""
