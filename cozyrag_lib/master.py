@@ -54,15 +54,19 @@ class MasterWeights:
 
     @contextlib.contextmanager
     def fp32(self):
-        """The model's trainable parameters are the fp32 copies inside the block (bf16 again after it)."""
-        held = [w.data for w in self.weights]
-        for w, m in zip(self.weights, self.params):
-            w.data = m.data
+        """Inside the block the model holds the fp32 copies (e.g. to save them): each trainable parameter is
+        replaced by one over its copy's storage, and put back after. The original parameters are never
+        re-typed in place, which would drop the gradient hooks DDP registered on them."""
+        swap = {id(w): nn.Parameter(m.detach(), requires_grad=False) for w, m in zip(self.weights, self.params)}
+        held = [(module, name, p) for module in self.model.modules() for name, p in module.named_parameters(recurse=False)
+                if id(p) in swap]
+        for module, name, p in held:
+            setattr(module, name, swap[id(p)])  # a tied weight gets the same new parameter in both places
         try:
             yield self.model
         finally:
-            for w, d in zip(self.weights, held):
-                w.data = d
+            for module, name, p in held:
+                setattr(module, name, p)
 
 
 def full_precision(master: MasterWeights | None):

@@ -40,6 +40,24 @@ def test_weights_become_bf16_with_fp32_copies_and_buffers_keep_their_dtype():
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())  # bf16 again after the block
 
 
+def test_the_fp32_view_keeps_ties_and_gives_back_the_same_parameters():
+    """GPT-2 ties its LM head to the embedding: one fp32 parameter in both places inside the block; after it the
+    original bf16 parameter objects (those DDP hooked) are back, never re-typed in place."""
+    model = tiny_gpt2()
+    master = MasterWeights(model)
+    originals = list(model.parameters())
+    tied = model.transformer.wte.weight
+    with master.fp32():
+        assert model.lm_head.weight is model.transformer.wte.weight
+        assert model.lm_head.weight.dtype == torch.float32
+        assert model.transformer.wte.weight.data_ptr() == master.params[originals.index(tied)].data_ptr()
+        assert {n: p.dtype for n, p in model.state_dict().items() if p.is_floating_point()} == \
+            {n: torch.float32 for n, p in model.state_dict().items() if p.is_floating_point()}
+    after = list(model.parameters())
+    assert len(after) == len(originals) and all(a is b for a, b in zip(after, originals))
+    assert all(p.dtype == torch.bfloat16 for p in after) and model.lm_head.weight is tied
+
+
 def test_frozen_parameters_get_no_copy():
     model = tiny_gpt2()
     model.transformer.wte.requires_grad_(False)  # tied with the LM head: one parameter

@@ -565,11 +565,12 @@ def test_grad_accum_equals_the_same_global_batch(stages, tmp_path):
 
 @pytest.mark.slow
 def test_bf16_training_checkpoints_and_saves_the_fp32_weights(stages):
-    """precision=bf16: the loop trains bf16 weights, the checkpoint and final generator hold the fp32 copies
-    (values bf16 cannot hold), and the run's validation loss falls."""
+    """precision=bf16 on two torchrun processes: the loop trains bf16 weights (DDP all-reduces bf16 gradients), a
+    checkpoint mid-phase and the final generator hold the fp32 copies (values bf16 cannot hold), training goes on
+    after the checkpoint, and the validation loss falls."""
     run_dir = run_training(stages, "bf16", "--precision=bf16", "--phases=generator", "--max_steps_per_phase=4",
-                           "--lr_generator=1e-3", "--warmup_steps=0", "--eval_every=4", "--checkpoint_every=4",
-                           "--batch_size=4")
+                           "--lr_generator=1e-3", "--warmup_steps=0", "--eval_every=4", "--checkpoint_every=2",
+                           "--batch_size=2", nproc=2)
     rows = read_metrics(run_dir)
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
     val = [r["val_loss"] for r in rows if "val_loss" in r]
