@@ -31,7 +31,7 @@ class MasterWeights:
 
     def __init__(self, model: nn.Module):
         self.model = model
-        self.weights = [p for p in model.parameters() if p.requires_grad and p.is_floating_point()]
+        self.weights = [p for p in model.parameters() if p.requires_grad]
         self.params = [p.detach().float().clone().requires_grad_(True) for p in self.weights]
         self.grads = [torch.zeros_like(m) for m in self.params]  # fp32 gradients, one buffer reused every step
         for p in model.parameters():

@@ -81,7 +81,8 @@ def train_loop(run: Run) -> dict:
     totals = {k: sum(n for kind, n in run.plan if kind == k) for k in ("generator", "retriever")}
     if main:
         print(f"training {len(run.items)} QA pairs on {world} process(es) ({run.device}); phases: "
-              + ", ".join(f"{k} x{n} steps" for k, n in run.plan), flush=True)
+              + ", ".join(f"{k} x{n} steps" for k, n in run.plan)
+              + ("; generator weights bf16, AdamW on fp32 copies" if run.master else ""), flush=True)
     if st.step == 0 and st.phase_step == 0 and st.phase_index == 0:
         log_eval(run)  # the step-0 row: where training starts from
 

@@ -40,6 +40,11 @@ def adamw(params, lr: float, weight_decay: float, device: torch.device, fused: b
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **({"fused": True} if fused else {}))
 
 
+def trains_bf16_weights(cfg: Config, device: torch.device) -> bool:
+    """Whether the generator trains bf16 weights with fp32 master copies: bf16_weights, where precision is bf16."""
+    return cfg.bf16_weights and use_bf16(cfg.precision, device)
+
+
 def resume_from(cfg: Config, resume: bool):
     """The checkpoint to resume from (None: start afresh), with a note when its config differs."""
     ckpt = find_checkpoint(cfg.paths) if resume else None
@@ -111,7 +116,7 @@ def make_run(cfg: Config, device: torch.device, generator, tokenizer, retriever,
     """
     generator = with_lora(generator, cfg)  # lora_r > 0: adapters on a frozen generator (kept when resumed)
     # bf16 weights before DDP sees them (its buckets take their dtype); AdamW then steps the fp32 copies
-    master = MasterWeights(generator) if cfg.bf16_weights and use_bf16(cfg.precision, device) else None
+    master = MasterWeights(generator) if trains_bf16_weights(cfg, device) else None
     gen_model, ret_model = wrap_ddp(generator, retriever, device)
     passage_encoder = passage_encoder or retriever
     run = Run(cfg=cfg, device=device, generator=generator, tokenizer=tokenizer, retriever=retriever,

@@ -568,9 +568,13 @@ def test_bf16_training_checkpoints_and_saves_the_fp32_weights(stages):
     """precision=bf16 on two torchrun processes: the loop trains bf16 weights (DDP all-reduces bf16 gradients), a
     checkpoint mid-phase and the final generator hold the fp32 copies (values bf16 cannot hold), training goes on
     after the checkpoint, and the validation loss falls."""
-    run_dir = run_training(stages, "bf16", "--precision=bf16", "--phases=generator", "--max_steps_per_phase=4",
-                           "--lr_generator=1e-3", "--warmup_steps=0", "--eval_every=4", "--checkpoint_every=2",
-                           "--batch_size=2", nproc=2)
+    args = ["--precision=bf16", "--phases=generator", "--max_steps_per_phase=4", "--lr_generator=1e-3",
+            "--warmup_steps=0", "--eval_every=4", "--checkpoint_every=2", "--batch_size=2"]
+    run_dir = new_run(stages, "bf16")
+    r = subprocess.run(train_cmd(stages, "bf16", *args, nproc=2), cwd=ROOT, env=ENV, capture_output=True, text=True,
+                       timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    assert "generator weights bf16, AdamW on fp32 copies" in r.stdout  # not the fp32-weights autocast path
     rows = read_metrics(run_dir)
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
     val = [r["val_loss"] for r in rows if "val_loss" in r]

@@ -30,9 +30,9 @@ from .. import distributed
 from ..config import coerce, read_preset
 from ..errors import CozyError
 from ..index import PassageIndex
-from ..models import TINY_GENERATOR, load_generator, load_retriever, resolve_generator_path, use_bf16
+from ..models import TINY_GENERATOR, load_generator, load_retriever, resolve_generator_path
 from ..train_data import PhaseBatches, load_train_items, prepare_phase
-from ..train_setup import make_run
+from ..train_setup import make_run, trains_bf16_weights
 from ..train_state import Run, TrainState
 from ..train_steps import generator_loss, get_batch, optimizer_step
 from .common import (Stopwatch, device_name, flop_shape, matmul_peak, run_with_stages,
@@ -133,8 +133,7 @@ def setup_styles(cfg, device, items: list[dict], steps: int, opts: dict
     lm, tok = bench_generator(opts["generator"], cfg)
     lm.to(device).train()
     other = copy.deepcopy(lm) if opts["style"] == "both" else None  # the same initial weights
-    with_reference = opts["reference"] and cfg.bf16_weights and use_bf16(cfg.precision, device)
-    ref_lm = copy.deepcopy(lm) if with_reference else None
+    ref_lm = copy.deepcopy(lm) if opts["reference"] and trains_bf16_weights(cfg, device) else None  # before make_run re-types lm
     run = make_run(cfg, device, lm, tok, retriever, pindex, items, [("generator", steps)], TrainState(),
                    fused_adamw=bool(opts["fused_adamw"]))
     reference = make_run(dataclasses.replace(cfg, bf16_weights=False), device, ref_lm, tok, retriever, pindex, items,
@@ -149,15 +148,17 @@ def warm_up(run: Run, reference: Run | None, per_sample: PerSampleStep | None, w
     """Untimed steps of every style (thread pools, allocator, kernel choice), then empty caches: the timed
     steps pay for retrieval."""
     run.phase_data = prepare_phase(run, "generator", phase_rows(warm))
+    if reference:
+        reference.phase_data = run.phase_data
     for r in warm:
         ours_step(run, r, Stopwatch(run.device))
         if reference:
-            reference.phase_data = run.phase_data
             ours_step(reference, r, Stopwatch(run.device))
         if per_sample:
             per_sample.step([run.items[i] for i in r], Stopwatch(run.device))
-    run.context_cache, run.phase_data = {}, None
-    run.sentence_cache.reset(0)
+    for each in (run, reference) if reference else (run,):
+        each.context_cache, each.phase_data = {}, None
+        each.sentence_cache.reset(0)
 
 
 def timed_steps(run: Run, reference: Run | None, per_sample: PerSampleStep | None, timed: list[list[int]],
