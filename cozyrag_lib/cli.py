@@ -86,6 +86,7 @@ COMMANDS: dict[str, tuple[str, dict[str, tuple[Any, Any, str]]]] = {
         "warmup": (int, 2, "untimed questions first"),
         "reference": (str, "none", "answer_quantization of a second pipeline timed in turn with the run's "
                       "(auto, int8 or none; empty: no reference)"),
+        "reference_prompt_lookup": (int, 0, "prompt_lookup of the reference pipeline (0: token by token)"),
         **BENCH_THREADS,
     }),
     "bench scale": ("An IVF-PQ index over --n vectors: build time, memory, recall@10, ms per query.", {

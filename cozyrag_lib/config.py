@@ -132,6 +132,7 @@ class Config:
     # --- answering -------------------------------------------------------------------------
     max_new_tokens: int = 48  # answer length limit
     answer_quantization: str = "auto"  # int8: int8 weights when answering on a CPU (quantize.py); none; auto: int8 on CPUs fast at bf16
+    prompt_lookup: int = 3  # greedy answers to one question: draft up to N tokens copied from the prompt, checked in one pass (0 = off)
     do_sample: bool = False  # greedy by default (reproducible)
     temperature: float = 0.6  # sampling temperature
     sample_top_k: int = 70  # sampling top-k
@@ -233,6 +234,7 @@ def validate(cfg: Config) -> Config:
             raise CozyError(f"config: {k} must be positive, got {getattr(cfg, k)}")
     non_negative = ["lr_generator", "lr_retriever", "warmup_steps", "weight_decay", "max_qa", "max_articles",
                     "chunk_overlap_sentences", "max_steps_per_phase", "max_train_qa", "epochs_per_phase", "max_eval_qa",
+                    "prompt_lookup",
                     "ngram_repeat_weight", "keyword_overlap_weight", "short_answer_weight", "short_answer_min_words",
                     "grad_clip", "max_val_qa", "max_train_descriptions",
                     "retriever_max_steps_per_phase"]

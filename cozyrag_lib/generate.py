@@ -74,7 +74,8 @@ class _StopAtNewline:
 @torch.no_grad()
 def generate_answers(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 48, batch_size: int = 8,
                      do_sample: bool = False, temperature: float = 0.6, top_k: int = 70, top_p: float = 0.95,
-                     add_special_tokens: bool = True, seed: int | None = None, one_sentence: bool = False) -> list[str]:
+                     add_special_tokens: bool = True, seed: int | None = None, one_sentence: bool = False,
+                     prompt_lookup: int = 0) -> list[str]:
     """Answers for `prompts`, generated `batch_size` at a time (greedy unless do_sample), cleaned.
 
     Prompts are left-padded so every row's new tokens start at the same column. A row stops at EOS
@@ -84,6 +85,12 @@ def generate_answers(model, tokenizer, prompts: Sequence[str], max_new_tokens: i
     instruct models answer in paragraphs, which costs minutes in an evaluation and only lowers their F1.
     With do_sample and a `seed`, the call samples from its own random stream seeded with it: the same
     prompts and seed give the same answers, and the caller's random streams are left as they were.
+    With prompt_lookup=N, a greedy prompt alone in its batch is decoded by prompt lookup (transformers'
+    `prompt_lookup_num_tokens`): up to N tokens that follow the last words in the prompt are drafted and the
+    model checks them all in one forward pass, keeping the longest prefix it would have chosen itself.
+    Extractive answers copy the context, so most drafts are kept and an answer takes fewer passes; the
+    tokens are greedy decoding's, up to rounding (bf16 sums over several rows are not bit-identical to one).
+    transformers drafts for one row at a time only, so batches decode token by token.
     """
     from transformers import StoppingCriteriaList
 
@@ -106,6 +113,8 @@ def generate_answers(model, tokenizer, prompts: Sequence[str], max_new_tokens: i
                 width = enc["input_ids"].shape[1]
                 sampling = dict(do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p) if do_sample else \
                     dict(do_sample=False, temperature=None, top_k=None, top_p=None)
+                if prompt_lookup and not do_sample and len(chunk) == 1:
+                    sampling["prompt_lookup_num_tokens"] = prompt_lookup
                 gen = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                                      eos_token_id=tokenizer.eos_token_id,
                                      stopping_criteria=StoppingCriteriaList([_StopAtNewline(tokenizer, width, one_sentence)]),

@@ -191,7 +191,7 @@ class RAG:
         answers = generate_answers(self.generator, self.tokenizer, prompts, cfg.max_new_tokens, max(n, 1),
                                    cfg.do_sample, cfg.temperature, cfg.sample_top_k, cfg.top_p,
                                    add_special_tokens=cfg.prompt_template != CHAT, seed=cfg.seed,
-                                   one_sentence=self.one_sentence)
+                                   one_sentence=self.one_sentence, prompt_lookup=cfg.prompt_lookup)
         t3 = time.perf_counter()
         timings = {"retrieve_s": (t1 - t0) / n, "context_s": (t2 - t1) / n, "generate_s": (t3 - t2) / n,
                    "total_s": (t3 - t0) / n}

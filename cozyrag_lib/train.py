@@ -125,8 +125,8 @@ def train_loop(run: Run) -> dict:
                         loss, parts = retriever_loss(run, batch)
                         loss, parts = loss / cfg.grad_accum, {k: v / cfg.grad_accum for k, v in parts.items()}
                     loss.backward()
-                for k, v in parts.items():
-                    sums[k] = sums.get(k, 0.0) + float(v)
+                for k, v in parts.items():  # tensors: summed where they are, read once a step (reduce_mean)
+                    sums[k] = sums.get(k, 0.0) + v
                 n_tokens += batch["n_tokens"] if gen else 0
                 n_samples += len(micro[m][2])
             optimizer_step(opt, cfg.grad_clip, run.master if gen else None)

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from cozyrag_lib.generate import _StopAtNewline, first_sentence, postprocess_answer
+from cozyrag_lib.generate import _StopAtNewline, first_sentence, generate_answers, postprocess_answer
 
 
 @pytest.mark.parametrize("raw, want", [
@@ -70,3 +70,37 @@ def test_stop_at_the_first_sentence_only_when_asked():
                          [0, 1, 2, 2]])  # "Paris is..": not yet
     assert _StopAtNewline(_Words(), 0, sentence=True)(rows, None).tolist() == [True, False]
     assert _StopAtNewline(_Words(), 0)(rows, None).tolist() == [False, False]
+
+
+_PROMPTS = ["Q: Who wrote Pride and Prejudice?\nContext: Pride and Prejudice is a novel by Jane Austen, published in 1813.\nA:",
+            "Q: What is the capital of France?\nContext: Paris is the capital and largest city of France.\nA:"]
+
+
+def _answers_and_passes(model, tok, prompts, batch_size, **kw):
+    """(answers, forward passes of the model) for one generate_answers call."""
+    passes = []
+    hook = model.register_forward_hook(lambda *_: passes.append(1))
+    try:
+        return generate_answers(model, tok, prompts, 24, batch_size, **kw), len(passes)
+    finally:
+        hook.remove()
+
+
+def test_prompt_lookup_gives_the_greedy_answer_in_fewer_passes(tiny_generator):
+    """The random tiny GPT-2 answers in loops ("ss ss ss ..."): drafts copied from what is already there are
+    accepted, so the 24 tokens take fewer forward passes than 24, and the answer is greedy decoding's."""
+    model, tok = tiny_generator
+    for prompt in _PROMPTS:
+        plain, plain_passes = _answers_and_passes(model, tok, [prompt], 1)
+        drafted, drafted_passes = _answers_and_passes(model, tok, [prompt], 1, prompt_lookup=7)
+        assert drafted == plain and len(tok(plain[0])["input_ids"]) >= 20
+        assert plain_passes == 24 and drafted_passes < plain_passes / 2
+
+
+def test_prompt_lookup_leaves_batches_and_sampling_token_by_token(tiny_generator):
+    model, tok = tiny_generator
+    plain, plain_passes = _answers_and_passes(model, tok, _PROMPTS, 2)
+    drafted, drafted_passes = _answers_and_passes(model, tok, _PROMPTS, 2, prompt_lookup=7)
+    assert drafted == plain and drafted_passes == plain_passes == 24  # two rows: transformers drafts for one only
+    _, sampled_passes = _answers_and_passes(model, tok, _PROMPTS[:1], 1, prompt_lookup=7, do_sample=True, seed=1)
+    assert sampled_passes >= 20  # sampling is not drafted (it may stop early at a sampled EOS)
