@@ -118,6 +118,8 @@ def make_run(cfg: Config, device: torch.device, generator, tokenizer, retriever,
     # bf16 weights before DDP sees them (its buckets take their dtype); AdamW then steps the fp32 copies
     master = MasterWeights(generator) if trains_bf16_weights(cfg, device) else None
     gen_model, ret_model = wrap_ddp(generator, retriever, device)
+    if cfg.compile_generator:  # compiled on the first step; one graph for every batch shape (dynamic)
+        gen_model = torch.compile(gen_model, dynamic=True)
     passage_encoder = passage_encoder or retriever
     run = Run(cfg=cfg, device=device, generator=generator, tokenizer=tokenizer, retriever=retriever,
               passage_encoder=passage_encoder, gen_model=gen_model, ret_model=ret_model,

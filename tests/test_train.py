@@ -564,6 +564,29 @@ def test_grad_accum_equals_the_same_global_batch(stages, tmp_path):
 
 
 @pytest.mark.slow
+def test_compiled_generator_follows_the_eager_curve(stages, tmp_path):
+    """compile_generator=true: the generator phase runs through torch.compile (dynamic shapes: one graph for the
+    batches' different lengths) and gives the eager run's losses and weights, up to the compiled kernels' rounding."""
+    from safetensors.torch import load_file
+
+    gen = no_dropout_generator(stages, tmp_path / "generator")
+    args = ["--phases=generator", f"--generator={gen}", "--max_steps_per_phase=4", "--lr_generator=1e-3",
+            "--warmup_steps=0", "--eval_every=100", "--checkpoint_every=100", "--val_questions=[]", "--batch_size=4"]
+    eager = run_training(stages, "eager", *args)
+    run_dir = new_run(stages, "compiled")
+    r = subprocess.run(train_cmd(stages, "compiled", *args, "--compile_generator=true"), cwd=ROOT, env=ENV,
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    assert "generator forward compiled" in r.stdout
+    a, b = ([r["loss"] for r in read_metrics(d) if "loss" in r] for d in (eager, run_dir))
+    assert len(a) == len(b) == 4 and a[-1] < a[0]
+    assert b == pytest.approx(a, rel=1e-3)
+    wa, wb = (load_file(d / "final" / "generator" / "model.safetensors") for d in (eager, run_dir))
+    off = max(float((wb[k] - wa[k]).abs().max()) for k in wa)
+    assert off < 1e-3, off
+
+
+@pytest.mark.slow
 def test_bf16_training_checkpoints_and_saves_the_fp32_weights(stages):
     """precision=bf16 on two torchrun processes: the loop trains bf16 weights (DDP all-reduces bf16 gradients), a
     checkpoint mid-phase and the final generator hold the fp32 copies (values bf16 cannot hold), training goes on

@@ -3,7 +3,8 @@ in batches once per phase, batches padded to their longest, LM-head logits at an
 retrieval and context building included, against the per-sample step it replaced (`PerSampleStep`, in
 `per_sample.py`) on the same questions, the two alternating step by step. Under bf16 with `bf16_weights`
 (the generator in bf16, AdamW on fp32 copies: master.py) ours is also timed as it ran before, fp32 weights
-under autocast (`reference_*`, `vs_reference`), in the same rotation.
+under autocast and not compiled (`reference_*`, `vs_reference`), in the same rotation. `--compile_generator=true`
+compiles ours (give `--warmup=3`: the untimed steps pay for compiling).
 
     python -m cozyrag_lib bench train --preset=demo --steps=20
 
@@ -136,7 +137,7 @@ def setup_styles(cfg, device, items: list[dict], steps: int, opts: dict
     ref_lm = copy.deepcopy(lm) if opts["reference"] and trains_bf16_weights(cfg, device) else None  # before make_run re-types lm
     run = make_run(cfg, device, lm, tok, retriever, pindex, items, [("generator", steps)], TrainState(),
                    fused_adamw=bool(opts["fused_adamw"]))
-    reference = make_run(dataclasses.replace(cfg, bf16_weights=False), device, ref_lm, tok, retriever, pindex, items,
+    reference = make_run(dataclasses.replace(cfg, bf16_weights=False, compile_generator=False), device, ref_lm, tok, retriever, pindex, items,
                          [("generator", steps)], TrainState(), fused_adamw=bool(opts["fused_adamw"])) \
         if ref_lm is not None else None
     retriever.eval()  # as in a generator phase
@@ -226,6 +227,7 @@ def bench_train(parsed) -> dict[str, Any]:
               "params": sum(p.numel() for p in run.generator.parameters()), "source": str(cfg.run_dir),
               "device": device_name(device), "precision": "bf16" if bf16 else "fp32", "steps": len(timed),
               "batch_size": cfg.batch_size, "bf16_weights": run.master is not None,
+              "compile_generator": cfg.compile_generator,
               **summary(records["ours"], watches["ours"], shape, peak)}
     if reference:
         result.update(summary(records["reference"], watches["reference"], shape, peak, "reference_"))
