@@ -96,7 +96,7 @@ class Config:
     lora_merge: bool = False  # with lora_r > 0: final/generator holds the merged full model instead of the adapter
     precision: str = "fp32"  # fp32, bf16 (autocast; faster on recent GPUs and CPUs with AMX), or auto (bf16 where fast)
     bf16_weights: bool = True  # under bf16: the generator holds bf16 weights, AdamW fp32 copies (master.py); false: fp32 weights under autocast
-    compile_generator: bool = False  # torch.compile the generator's training forward (dynamic shapes): SmolLM2 1.16x a step after ~3 min of compiling on 2 CPU cores
+    compile_generator: bool = False  # torch.compile the generator's training forward (dynamic shapes); ~3 min to compile on 2 CPU cores, no reliable gain there (README, Speed)
     top_k: int = 4  # passages retrieved per question
     max_length: int = 256  # hard limit on prompt + answer tokens
     train_max_sentences: int = 10  # context sentences kept in training

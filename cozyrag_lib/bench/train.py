@@ -4,7 +4,7 @@ retrieval and context building included, against the per-sample step it replaced
 `per_sample.py`) on the same questions, the two alternating step by step. Under bf16 with `bf16_weights`
 (the generator in bf16, AdamW on fp32 copies: master.py) ours is also timed as it ran before, fp32 weights
 under autocast and not compiled (`reference_*`, `vs_reference`), in the same rotation. `--compile_generator=true`
-compiles ours (give `--warmup=3`: the untimed steps pay for compiling).
+compiles ours (give `--warmup=3`: the untimed steps pay for compiling; the reference stays eager).
 
     python -m cozyrag_lib bench train --preset=demo --steps=20
 
