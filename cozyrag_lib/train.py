@@ -83,7 +83,8 @@ def train_loop(run: Run) -> dict:
         print(f"training {len(run.items)} QA pairs on {world} process(es) ({run.device}); phases: "
               + ", ".join(f"{k} x{n} steps" for k, n in run.plan)
               + ("; generator weights bf16, AdamW on fp32 copies" if run.master else "")
-              + ("; generator forward compiled (torch.compile)" if hasattr(run.gen_model, "_orig_mod") else ""), flush=True)
+              + ("; generator forward compiled (torch.compile)" if hasattr(run.gen_model, "_orig_mod") else ""),
+              flush=True)
     if st.step == 0 and st.phase_step == 0 and st.phase_index == 0:
         log_eval(run)  # the step-0 row: where training starts from
 

@@ -5,8 +5,8 @@ retrieve / context / generate split, for the run's answering path and a referenc
 
 The reference is the same run loaded with `answer_quantization=--reference` (default none: the generator
 unquantised, in bf16 where `precision` makes it so) and `prompt_lookup=--reference_prompt_lookup` (default 0:
-one token per forward pass), the answering path before int8 weights and prompt lookup; the two answer each question in turn, the order
-alternating, so the ratios come from one run. `answers_agree` is the share of questions both paths answer
+one token per forward pass): the answering path before int8 weights and prompt lookup. The two answer
+each question in turn, the order alternating, so the ratios come from one run. `answers_agree` is the share of questions both paths answer
 with the same text. Options: `--questions=50`, `--warmup=2`, `--reference=none` (empty: the run's path
 alone), `--reference_prompt_lookup=0`; `--precision=fp32` keeps the unquantised generator in fp32 (see `RAG.load`).
 """
