@@ -35,6 +35,7 @@ from .lora import save_generator
 from .master import full_precision
 from .models import retriever_identity
 from .paths import RunPaths
+from .retrieval import SentenceVectors
 from .train_state import Run, TrainState
 
 
@@ -108,6 +109,13 @@ def save_final(run: Run) -> dict:
     The stage-3 index in run_dir/index/ stays as it was: it belongs to the base retriever (zero-shot runs use it).
     """
     cfg, paths = run.cfg, run.cfg.paths
+    sentences = None
+    if cfg.sentence_vectors:  # the passages' sentences for answering: still the index's, or embedded anew (every rank)
+        stored = run.sentence_cache.stored
+        if stored is None:
+            with run.autocast():
+                stored = SentenceVectors.embed(run.passage_encoder, run.pindex.passages, cfg.embed_batch_size)
+        sentences = stored
     if distributed.is_main_process():
         with atomic_dir(paths.final_generator) as tmp, full_precision(run.master):
             save_generator(run.generator, run.tokenizer, tmp, cfg, merge=cfg.lora_merge)
@@ -120,7 +128,7 @@ def save_final(run: Run) -> dict:
             manifest["passage_encoder"] = run.pindex.manifest.get("passage_encoder", run.pindex.manifest["retriever"])
         run.pindex.manifest = manifest
         save_index(paths.final_index, run.pindex.index, np.asarray(run.pindex.embeddings, dtype=np.float32), manifest,
-                   cfg)
+                   cfg, sentences=sentences)
         cfg.save(paths.config(paths.train))
     distributed.barrier()
     return {"generator": str(paths.final_generator), "retriever": str(paths.final_retriever),

@@ -69,6 +69,7 @@ class Config:
     nprobe: int = 16  # IVF cells visited per query
     ef_search: int = 64  # HNSW search depth
     embed_batch_size: int = 64  # passages per retriever forward pass
+    sentence_vectors: bool = True  # store every passage's sentence embeddings with the index (stage 3, final/): answers skip encoding context sentences; S x d x 2 bytes
     bm25_stemmer: str = "english"  # Snowball stemmer of the BM25 index built beside FAISS (PyStemmer), or "none"
     retrieval: str = "dense"  # how questions are retrieved everywhere: dense (FAISS), bm25, or hybrid (both, fused)
     rrf_k: int = 60  # hybrid: reciprocal-rank fusion constant, score = sum of 1 / (rrf_k + rank)

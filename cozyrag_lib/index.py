@@ -3,6 +3,9 @@
 Artefacts under `{run_dir}/index/` (one folder, swapped in atomically):
   * `index.faiss`     - the FAISS index (inner product on unit vectors = cosine similarity),
   * `embeddings.npy`  - (N, d) float32, L2-normalised, row i = passage i of `passages/passages.jsonl`,
+  * `sentences.npy`, `sentence_offsets.npy` - every passage's sentence embeddings (float16) and where each
+                        passage's rows start (`retrieval.SentenceVectors`; with `sentence_vectors`, the default):
+                        answering ranks context sentences without encoding them,
   * `manifest.json`   - what the index was built from: retriever, dim, passage count and checksum,
                         factory and search settings, `version` (0 here; bumped by each refresh in training),
   * `config.json`     - the resolved config,
@@ -37,9 +40,10 @@ from .bm25 import Bm25Index, reciprocal_rank_fusion, stem_function
 from .chunking import read_passages
 from .config import index_factory_error
 from .embedding import embed_corpus, embed_texts, embedding_dim, passage_texts
-from .errors import CozyError, faiss_reason
+from .errors import CozyError, faiss_reason, first_line
 from .jsonio import read_json_object
 from .models import autocast, load_retriever, retriever_identity
+from .retrieval import SentenceVectors
 
 INDEX_FILE = "index.faiss"
 BM25_DIR = "bm25"  # the BM25 index, a folder inside index/ (RunPaths.bm25)
@@ -47,6 +51,8 @@ RETRIEVAL_MODES = ("dense", "bm25", "hybrid")
 HYBRID_DEPTH = 100  # hybrid retrieval fuses the top max(k, HYBRID_DEPTH) of each list
 EMBEDDINGS_FILE = "embeddings.npy"
 MANIFEST_FILE = "manifest.json"
+SENTENCES_FILE = "sentences.npy"
+SENTENCE_OFFSETS_FILE = "sentence_offsets.npy"
 CONFIG_FILE = "config.json"
 
 
@@ -174,9 +180,9 @@ def make_manifest(retriever: str, dim: int, passages_path: str | Path, n_passage
 
 
 def save_index(index_dir: str | Path, faiss_index, embeddings: np.ndarray, manifest: dict, config=None,
-               bm25: Bm25Index | None = None) -> Path:
-    """Write index.faiss, embeddings.npy, manifest.json (and config.json, and the BM25 index as bm25/) as one
-    folder, swapped in atomically."""
+               bm25: Bm25Index | None = None, sentences: SentenceVectors | None = None) -> Path:
+    """Write index.faiss, embeddings.npy, manifest.json (and config.json, the BM25 index as bm25/, the
+    passages' sentence vectors) as one folder, swapped in atomically."""
     import faiss
 
     index_dir = Path(index_dir)
@@ -188,6 +194,9 @@ def save_index(index_dir: str | Path, faiss_index, embeddings: np.ndarray, manif
             config.save(tmp / CONFIG_FILE)
         if bm25 is not None:
             bm25.save(tmp / BM25_DIR, atomic=False)
+        if sentences is not None:
+            np.save(tmp / SENTENCES_FILE, np.asarray(sentences.vectors, dtype=np.float16))
+            np.save(tmp / SENTENCE_OFFSETS_FILE, np.asarray(sentences.offsets, dtype=np.int64))
     return index_dir
 
 
@@ -202,12 +211,31 @@ def read_manifest(index_dir: str | Path) -> dict[str, Any]:
 REBUILD = "rebuild it with the index stage (python -m cozyrag_lib index)"
 
 
+def load_sentence_vectors(index_dir: Path, n_passages: int, dim: int) -> SentenceVectors | None:
+    """The index's stored sentence vectors (memory-mapped), None when it has none; refused when they do not
+    fit its passages."""
+    vec_path, off_path = index_dir / SENTENCES_FILE, index_dir / SENTENCE_OFFSETS_FILE
+    if not vec_path.is_file() and not off_path.is_file():
+        return None
+    try:
+        vectors, offsets = np.load(vec_path, mmap_mode="r"), np.load(off_path)
+    except (OSError, ValueError) as e:
+        raise CozyError(f"{index_dir}: cannot read the sentence vectors ({first_line(e)}); {REBUILD}") from None
+    if (offsets.shape != (n_passages + 1,) or vectors.ndim != 2 or vectors.shape[1] != dim
+            or int(offsets[-1]) != vectors.shape[0] or int(offsets[0]) != 0 or (np.diff(offsets) < 0).any()):
+        raise CozyError(f"{vec_path}: {vectors.shape[0]} sentence vectors of dim {vectors.shape[-1]} with offsets "
+                        f"for {len(offsets) - 1} passages do not fit an index of {n_passages} passages of dim {dim}; "
+                        f"{REBUILD}")
+    return SentenceVectors(offsets, vectors)
+
+
 @dataclass
 class PassageIndex:
     """A FAISS index with the passages its rows stand for, and how questions are retrieved from them.
 
     `index` (faiss.Index), `passages` (list of {id, title, text}, row i = passage i), `manifest`,
-    `embeddings` ((N, d) memory-mapped, when loaded from disk); `retrieval` ("dense", "bm25" or "hybrid",
+    `embeddings` ((N, d) memory-mapped, when loaded from disk), `sentences` (the passages' sentence vectors,
+    memory-mapped, when the index has them); `retrieval` ("dense", "bm25" or "hybrid",
     what `retrieval.retrieve` does by default), `rrf_k`, and the BM25 index (`bm25`, loaded from
     `bm25_dir` on first use, its tokenizer settings checked against `bm25_stemmer`).
     """
@@ -221,6 +249,7 @@ class PassageIndex:
     bm25: Bm25Index | None = None
     bm25_dir: Path | None = None
     bm25_stemmer: str | None = None  # None: whatever the index was built with
+    sentences: SentenceVectors | None = None
 
     def __len__(self) -> int:
         return self.index.ntotal
@@ -261,7 +290,12 @@ class PassageIndex:
         set_search_params(index, m.get("nprobe", 16), m.get("ef_search", 64))
         emb_path = index_dir / EMBEDDINGS_FILE
         embeddings = np.load(emb_path, mmap_mode="r") if emb_path.is_file() else None
-        return cls(index=index, passages=passages, manifest=m, embeddings=embeddings)
+        return cls(index=index, passages=passages, manifest=m, embeddings=embeddings,
+                   sentences=load_sentence_vectors(index_dir, len(passages), m["dim"]))
+
+    def sentence_store(self) -> tuple[SentenceVectors, list[dict]] | None:
+        """(sentence vectors, passages) for a `SentenceCache`, or None when the index has none."""
+        return None if self.sentences is None else (self.sentences, self.passages)
 
     def search(self, query_embeddings: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k passages per query: (scores (n, k) float32 cosine, ids (n, k) int64 rows of `passages`).
@@ -360,6 +394,11 @@ def build_index(cfg) -> dict[str, Any]:
         with autocast(cfg.precision, device):  # bf16 where fast, as training's index refresh does
             embeddings = embed_corpus(retriever, passage_texts(passages), cfg.embed_batch_size)  # (N, d) on every rank
         t_embed = time.time() - t_embed
+        t_sent, sentences = time.time(), None
+        if cfg.sentence_vectors:  # each passage's sentences, so answering ranks context sentences without encoding
+            with autocast(cfg.precision, device):
+                sentences = SentenceVectors.embed(retriever, passages, cfg.embed_batch_size)
+        t_sent = time.time() - t_sent
         summary = None
         if distributed.is_main_process():
             index = make_faiss_index(embeddings, cfg.index_factory, cfg.nprobe, cfg.ef_search)
@@ -367,9 +406,12 @@ def build_index(cfg) -> dict[str, Any]:
                                      cfg.nprobe, cfg.ef_search, version=0)
             # BM25 over the same title-led texts, built once (rank 0) and saved inside the same atomic index/
             bm25 = Bm25Index.build(passage_texts(passages), cfg.bm25_stemmer, manifest["passages_sha256"])
-            index_dir = save_index(cfg.paths.index, index, embeddings, manifest, config=cfg, bm25=bm25)
+            index_dir = save_index(cfg.paths.index, index, embeddings, manifest, config=cfg, bm25=bm25,
+                                   sentences=sentences)
             summary = {"index_dir": str(index_dir), **manifest, "world_size": distributed.get_world_size(),
-                       "embed_seconds": round(t_embed, 2), "bm25_seconds": bm25.manifest["build_seconds"],
+                       "embed_seconds": round(t_embed, 2),
+                       "sentences": 0 if sentences is None else int(sentences.offsets[-1]),
+                       "sentence_seconds": round(t_sent, 2), "bm25_seconds": bm25.manifest["build_seconds"],
                        "bm25_bytes": bm25.manifest["bytes"], "seconds": round(time.time() - t0, 2)}
         distributed.barrier()  # other ranks may read index/ (FAISS and BM25) only once rank 0 has swapped it in
         return distributed.broadcast_object(summary)

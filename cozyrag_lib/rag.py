@@ -120,8 +120,11 @@ class RAG:
             # the trained run's refreshed final/index and the base index share the stage-3 BM25 (same passages)
             pindex = PassageIndex.load(index_dir, paths.passages, retriever=ret_spec).configure(cfg, paths.bm25)
         name = f"{'base' if base else 'trained'}:{run_dir.name}"
+        # context sentences of the index's passages come from its stored vectors (made by passage_encoder)
+        stored = pindex.sentence_store() if cfg.sentence_vectors else None
         return cls(cfg, generator, tokenizer, retriever, pindex, name,
-                   SentenceCache(passage_encoder, cfg.embed_batch_size), passage_encoder, one_sentence=base)
+                   SentenceCache(passage_encoder, cfg.embed_batch_size, stored=stored), passage_encoder,
+                   one_sentence=base)
 
     @property
     def device(self) -> torch.device:

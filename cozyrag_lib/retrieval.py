@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -22,7 +23,7 @@ from tqdm import tqdm  # text bars: they also stream through papermill, where wi
 
 from . import distributed
 from .errors import CozyError
-from .embedding import embed_texts
+from .embedding import embed_corpus, embed_texts
 from .metrics import answer_in_text
 from .text import split_sentences
 
@@ -57,30 +58,86 @@ def retrieve(retriever, pindex, questions: Sequence[str], k: int, batch_size: in
     return q_emb, scores, ids
 
 
+def passage_sentences(text: str) -> list[str]:
+    """The sentences context building ranks for a passage (the whole text when it has no sentence boundary)."""
+    return split_sentences(text) or [text]
+
+
+@dataclass
+class SentenceVectors:
+    """Every passage's sentence embeddings, made once beside an index (stage 3, training's final index).
+
+    Rows `offsets[i]:offsets[i + 1]` of `vectors` ((S, d) float16 unit vectors, memory-mapped when loaded) are
+    the sentences `passage_sentences(passages[i]["text"])`, embedded by the encoder that embedded the passages.
+    """
+    offsets: np.ndarray  # (N + 1,) int64
+    vectors: np.ndarray  # (S, d) float16
+
+    @classmethod
+    def embed(cls, encoder, passages: Sequence[dict], batch_size: int = 64) -> "SentenceVectors":
+        """Split every passage and embed each distinct sentence once (overlapping chunks repeat sentences),
+        across ranks under torchrun; every rank gets the result."""
+        split = [passage_sentences(p["text"]) for p in passages]
+        offsets = np.zeros(len(passages) + 1, np.int64)
+        np.cumsum([len(s) for s in split], out=offsets[1:])
+        distinct = list(dict.fromkeys(s for sents in split for s in sents))
+        row = {s: i for i, s in enumerate(distinct)}
+        emb = embed_corpus(encoder, distinct, batch_size).astype(np.float16)  # (S_distinct, d)
+        return cls(offsets, emb[[row[s] for sents in split for s in sents]])
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+
 class SentenceCache:
     """Sentences of each passage and their retriever embeddings, encoded once per retriever state.
 
     `version` names the retriever state the embeddings belong to; `reset(version)` empties the
     cache when the retriever changed (training bumps the version after each retriever phase).
+    With `stored` (an index's `SentenceVectors` and its passages), the sentences of the index's passages
+    are read from there instead of encoded, for as long as the cache stays at `version` (they belong to it).
     """
 
-    def __init__(self, retriever, batch_size: int = 64, version: int = 0):
+    def __init__(self, retriever, batch_size: int = 64, version: int = 0,
+                 stored: tuple[SentenceVectors, Sequence[dict]] | None = None):
         self.retriever, self.batch_size, self.version = retriever, batch_size, version
         self.sentences: dict[str, list[str]] = {}  # passage id -> sentences
         self.embeddings: dict[str, np.ndarray] = {}  # passage id -> (s, d) unit vectors
         self.encoded = 0  # sentences encoded so far (cache misses), for tests and logs
+        self.reused = 0  # sentences read from `stored` instead
+        self.stored, self.stored_version, self._rows = None, version, {}
+        if stored is not None:
+            self.stored, self._passages = stored
+            self._rows = {p["id"]: i for i, p in enumerate(self._passages)}
 
     def reset(self, version: int, retriever=None) -> None:
+        """Empty the cache; stored vectors stay in use only while `version` is the one they were made for."""
         self.version, self.sentences, self.embeddings = version, {}, {}
         if retriever is not None:
             self.retriever = retriever
+        if version != self.stored_version:
+            self.stored, self._rows = None, {}
+
+    def _from_store(self, p: dict) -> bool:
+        row = self._rows.get(p["id"])
+        if row is None or self._passages[row]["text"] != p["text"]:
+            return False
+        sents = passage_sentences(p["text"])
+        a, b = self.stored.offsets[row], self.stored.offsets[row + 1]
+        if b - a != len(sents):  # split differently from when they were stored (another CoZyRAG version)
+            return False
+        self.sentences[p["id"]], self.embeddings[p["id"]] = sents, np.asarray(self.stored.vectors[a:b], np.float32)
+        self.reused += len(sents)
+        return True
 
     def add(self, passages: Sequence[dict]) -> None:
-        """Split and encode the passages not seen yet, all missing sentences in one batched pass."""
+        """Split and encode the passages not seen yet (read from `stored` where it has them), all missing
+        sentences in one batched pass."""
         todo = [p for p in {p["id"]: p for p in passages}.values() if p["id"] not in self.embeddings]
+        todo = [p for p in todo if self.stored is None or not self._from_store(p)]
         if not todo:
             return
-        split = [split_sentences(p["text"]) or [p["text"]] for p in todo]
+        split = [passage_sentences(p["text"]) for p in todo]
         flat = [s for sents in split for s in sents]
         emb = embed_texts(self.retriever, flat, self.batch_size, show_progress=False)  # (S, d)
         self.encoded += len(flat)

@@ -129,7 +129,11 @@ def make_run(cfg: Config, device: torch.device, generator, tokenizer, retriever,
               loss_fn=GeneratorLoss.from_config(cfg, keyword_ignore_ids=stopword_token_ids(tokenizer)),
               pindex=pindex, items=items, gold=gold_passages(items, pindex.passages), val_items=list(val_items),
               plan=plan, state=state, master=master)
-    run.sentence_cache = SentenceCache(passage_encoder, cfg.embed_batch_size, version=state.ret_step)
+    # the index's stored sentence vectors belong to the passage encoder before any retriever phase (and to the
+    # frozen one of query_only): phase 1 reads its context sentences from there instead of encoding them
+    fresh = state.ret_step == 0 or cfg.query_only
+    run.sentence_cache = SentenceCache(passage_encoder, cfg.embed_batch_size, version=state.ret_step,
+                                       stored=pindex.sentence_store() if fresh and cfg.sentence_vectors else None)
     return run
 
 

@@ -141,6 +141,7 @@ def test_bench_ask_reports_latency_percentiles(tiny_run, capsys):
     # the run's path (answer_quantization auto: int8 on a CPU) beside the unquantised reference, in turn
     assert (r["generator_weights"], r["reference_generator_weights"]) == ("int8", "float32")
     assert (r["prompt_lookup"], r["reference_prompt_lookup"]) == (3, 0)  # prompt lookup: ours only
+    assert (r["sentence_vectors"], r["reference_sentence_vectors"]) == (True, False)  # stored vectors: ours only
     assert positive(r["reference_p50_s"]) and r["p50_ratio"] == pytest.approx(r["p50_s"] / r["reference_p50_s"], abs=1e-3)
     assert 0 <= r["answers_agree"] <= 1
 

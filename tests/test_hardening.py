@@ -140,8 +140,11 @@ def test_query_only_keeps_the_passage_side_and_answers_with_it(tiny_run, retriev
     base = embed_texts(retriever, sentences, show_progress=False)
     trained = embed_texts(rag.retriever, sentences, show_progress=False)
     assert not np.allclose(trained, base, atol=1e-5)  # the question side did train: the two sides differ
-    np.testing.assert_allclose(rag.sentences.embeddings[pid], base, atol=1e-5)  # sentences: the frozen passage side
+    # sentences: the frozen passage side, read from the stored vectors the final index carries over from stage 3
+    np.testing.assert_allclose(rag.sentences.embeddings[pid], base, atol=2e-3)  # float16 storage
     assert rag.sentences.retriever is not rag.retriever
+    assert rag.sentences.encoded == 0 and rag.sentences.reused >= len(sentences)
+    assert np.array_equal(np.load(paths.final_index / "sentences.npy"), np.load(stage3.index / "sentences.npy"))
 
 
 # ----------------------------------------------------------------------------------------------

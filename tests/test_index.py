@@ -189,6 +189,23 @@ def test_build_index_without_passages(tiny_cfg):
         build_index(tiny_cfg)
 
 
+def test_build_index_stores_sentence_vectors_unless_turned_off(tiny_cfg, retriever):
+    from cozyrag_lib.retrieval import passage_sentences
+
+    cfg = dataclasses.replace(tiny_cfg, max_articles=40)
+    tiny_passages(cfg)
+    summary = build_index(cfg)
+    pidx = PassageIndex.load(cfg.paths.index, cfg.paths.passages)
+    counts = [len(passage_sentences(p["text"])) for p in pidx.passages]
+    assert list(np.diff(pidx.sentences.offsets)) == counts and summary["sentences"] == sum(counts) > len(counts)
+    last = pidx.passages[-1]
+    fresh = embed_texts(retriever, passage_sentences(last["text"]), show_progress=False)
+    np.testing.assert_allclose(pidx.sentences.vectors[-counts[-1]:].astype(np.float32), fresh, atol=2e-2)
+    assert build_index(dataclasses.replace(cfg, sentence_vectors=False))["sentences"] == 0
+    assert not (cfg.paths.index / "sentences.npy").exists()
+    assert PassageIndex.load(cfg.paths.index, cfg.paths.passages).sentences is None
+
+
 def test_cli_without_passages_is_one_error_line(tmp_path, model_cache):
     r = run_cli("index", "--preset=tiny", f"--out_root={tmp_path}", f"--model_cache={model_cache}")
     assert r.returncode == 2, r.stderr
@@ -235,6 +252,9 @@ def test_torchrun_two_ranks_equal_one_process(tmp_path, tiny_cfg, retriever):
     sb, ib = b.search_text(retriever, questions, k=5)
     np.testing.assert_array_equal(ia, ib)
     np.testing.assert_allclose(sa, sb, atol=1e-5)
+    # the sentence vectors, embedded in two shards, are the one-process ones
+    np.testing.assert_array_equal(a.sentences.offsets, b.sentences.offsets)
+    np.testing.assert_allclose(a.sentences.vectors.astype(np.float32), b.sentences.vectors.astype(np.float32), atol=2e-3)
     assert json.loads((two_dir / "config.json").read_text())["run_name"] == tiny_cfg.run_name
 
 

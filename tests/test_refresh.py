@@ -13,9 +13,11 @@ import torch
 
 from conftest import tiny_stages
 from cozyrag_lib import bench, train, train_eval
+from cozyrag_lib.chunking import read_passages
 from cozyrag_lib.config import Config, load_config
 from cozyrag_lib.embedding import embed_corpus, embed_texts, passage_texts
 from cozyrag_lib.errors import CozyError
+from cozyrag_lib.retrieval import passage_sentences
 from cozyrag_lib.train_setup import load_passage_index, setup_run
 from cozyrag_lib.train_state import TrainState
 
@@ -210,6 +212,14 @@ def test_training_with_retrieved_refresh_logs_it_and_checkpoints_the_vectors(tra
     assert after["index_version"] == 1 and after["refresh_s"] > 0 and "val_recall@5_stale" in after
     final = np.load(cfg.paths.final_index / "embeddings.npy")
     assert int((final != stage3).any(axis=1).sum()) == after["refresh_passages"]  # only those rows moved
+    # the final index's sentence vectors are the trained retriever's, not stage 3's
+    final_sentences = PassageIndex.load(cfg.paths.final_index, cfg.paths.passages).sentences
+    stage3_sentences = np.load(cfg.paths.index / "sentences.npy")
+    assert final_sentences.vectors.shape == stage3_sentences.shape and not np.array_equal(final_sentences.vectors, stage3_sentences)
+    first = passage_sentences(read_passages(cfg.paths.passages)[0]["text"])
+    fresh = embed_texts(load_retriever(str(cfg.paths.final_retriever), "cpu"), first, show_progress=False)
+    stored = final_sentences.vectors[:len(first)].astype(np.float32)
+    assert np.all(np.sum(stored * fresh, axis=1) > 0.99)  # cosine: stored under bf16 where the CPU is fast at it
     # the checkpoint keeps the refreshed vectors, and a resume loads them
     ckpt = find_checkpoint(cfg.paths)
     assert np.array_equal(np.load(ckpt / "embeddings.npy"), final)

@@ -10,7 +10,7 @@ import torch
 from cozyrag_lib.embedding import embed_texts, passage_texts
 
 from cozyrag_lib.index import PassageIndex, make_faiss_index
-from cozyrag_lib.retrieval import (DEFAULT_TEMPLATE, SentenceCache, build_contexts, collate, encode_example,
+from cozyrag_lib.retrieval import (DEFAULT_TEMPLATE, SentenceCache, SentenceVectors, build_contexts, collate, encode_example,
                                    format_prompt, gold_passages, rank_sentences, retrieve, truncate_tokens, words_before)
 
 PASSAGES = [
@@ -76,6 +76,57 @@ def test_sentence_cache_encodes_each_passage_once(retriever, pindex, tok):
     cache.reset(version=1)
     build_contexts(q_emb, ids, PASSAGES, cache, tok, 4, 64)
     assert cache.encoded == 2 * first
+
+
+def test_stored_sentence_vectors_give_the_contexts_encoding_gives(retriever, pindex, tok):
+    overlap = {"id": "p4", "title": "Paris", "text": "The Seine flows through Paris. Paris has many bridges."}
+    passages = PASSAGES + [overlap]  # a sentence repeated across passages (chunk overlap) is embedded once
+    stored = SentenceVectors.embed(retriever, passages, batch_size=4)
+    assert len(stored) == 5 and list(np.diff(stored.offsets)) == [3, 2, 2, 3, 2]
+    assert stored.vectors.dtype == np.float16 and stored.vectors.shape == (12, 384)
+    fresh = embed_texts(retriever, ["The Seine flows through Paris.", "They grow in tropical climates."],
+                        show_progress=False)
+    assert np.allclose(stored.vectors[[2, 4]].astype(np.float32), fresh, atol=2e-3)
+    assert np.array_equal(stored.vectors[2], stored.vectors[10])  # p0's third sentence is p4's first
+
+    questions = ["Which river flows through Paris?", "Who developed relativity?", "Where is Everest?"]
+    q_emb, _, ids = retrieve(retriever, pindex, questions, k=3)
+    plain, reading = SentenceCache(retriever), SentenceCache(retriever, stored=(stored, passages))
+    want = build_contexts(q_emb, ids, PASSAGES, plain, tok, 3, 64)
+    assert build_contexts(q_emb, ids, PASSAGES, reading, tok, 3, 64) == want
+    assert plain.encoded > 0 and reading.encoded == 0 and reading.reused == plain.encoded
+    # a passage the store does not hold (an oracle context, another text under a known id) is encoded
+    reading.add([{"id": "gold-0", "title": "", "text": "A gold passage. Two sentences."},
+                 {"id": "p1", "title": "Bananas", "text": "Edited text."}])
+    assert reading.encoded == 2
+    # a new retriever version leaves the store behind; the version it was made for keeps it
+    reading.reset(0)
+    assert reading.stored is not None
+    reading.reset(1)
+    build_contexts(q_emb, ids, PASSAGES, reading, tok, 3, 64)
+    assert reading.stored is None and reading.encoded == 2 + plain.encoded
+
+
+def test_index_sentence_vectors_round_trip_and_mismatches_are_refused(retriever, tmp_path):
+    from cozyrag_lib.errors import CozyError
+    from cozyrag_lib.index import SENTENCE_OFFSETS_FILE, SENTENCES_FILE, make_manifest, save_index
+    from cozyrag_lib.jsonio import write_jsonl
+
+    passages_path = tmp_path / "passages.jsonl"
+    write_jsonl(passages_path, PASSAGES)
+    emb = embed_texts(retriever, passage_texts(PASSAGES), show_progress=False)
+    manifest = make_manifest("embedded:all-minilm-l6-v2", 384, passages_path, len(PASSAGES))
+    stored = SentenceVectors.embed(retriever, PASSAGES)
+    save_index(tmp_path / "index", make_faiss_index(emb), emb, manifest, sentences=stored)
+    loaded = PassageIndex.load(tmp_path / "index", passages_path)
+    assert np.array_equal(loaded.sentences.offsets, stored.offsets)
+    assert np.array_equal(loaded.sentences.vectors, stored.vectors)
+    assert loaded.sentence_store()[1] is loaded.passages
+    save_index(tmp_path / "bare", make_faiss_index(emb), emb, manifest)
+    assert PassageIndex.load(tmp_path / "bare", passages_path).sentence_store() is None
+    np.save(tmp_path / "index" / SENTENCE_OFFSETS_FILE, stored.offsets[:-1])  # offsets for one passage fewer
+    with pytest.raises(CozyError, match=f"{SENTENCES_FILE}: .* do not fit an index of 4 passages"):
+        PassageIndex.load(tmp_path / "index", passages_path)
 
 
 def test_truncate_tokens(tok):

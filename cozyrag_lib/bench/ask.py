@@ -4,8 +4,9 @@ retrieve / context / generate split, for the run's answering path and a referenc
     python -m cozyrag_lib bench ask --preset=demo --questions=50
 
 The reference is the same run loaded with `answer_quantization=--reference` (default none: the generator
-unquantised, in bf16 where `precision` makes it so) and `prompt_lookup=--reference_prompt_lookup` (default 0:
-one token per forward pass): the answering path before int8 weights and prompt lookup. The two answer
+unquantised, in bf16 where `precision` makes it so), `prompt_lookup=--reference_prompt_lookup` (default 0:
+one token per forward pass) and `sentence_vectors=false` (context sentences encoded at each question): the
+answering path before int8 weights, prompt lookup and stored sentence vectors. The two answer
 each question in turn, the order alternating, so the ratios come from one run. `answers_agree` is the share of questions both paths answer
 with the same text. Options: `--questions=50`, `--warmup=2`, `--reference=none` (empty: the run's path
 alone), `--reference_prompt_lookup=0`; `--precision=fp32` keeps the unquantised generator in fp32 (see `RAG.load`).
@@ -71,7 +72,8 @@ def bench_ask(parsed) -> dict[str, Any]:
     paths = {"run": RAG.load(spec, **load_kw)}
     if opts["reference"]:
         paths["reference"] = RAG.load(spec, **{**load_kw, "answer_quantization": opts["reference"],
-                                               "prompt_lookup": opts["reference_prompt_lookup"]})
+                                               "prompt_lookup": opts["reference_prompt_lookup"],
+                                               "sentence_vectors": False})
     questions = bench_questions(cfg, opts["warmup"] + opts["questions"])
     if len(questions) <= opts["warmup"]:
         raise CozyError(f"bench ask: {cfg.paths.qa} has {len(questions)} questions, need more than "
@@ -96,6 +98,7 @@ def bench_ask(parsed) -> dict[str, Any]:
     rag = paths["run"]
     result = {"benchmark": "ask", "run": rag.name, "generator": rag.cfg.generator, "questions": len(wall["run"]),
               "answer_quantization": rag.cfg.answer_quantization, "prompt_lookup": rag.cfg.prompt_lookup,
+              "sentence_vectors": rag.sentences.stored is not None,
               "generator_weights": generator_kind(rag),
               **latency(wall["run"], parts["run"]),
               "answer_words_mean": round(float(np.mean([len(a.split()) for a in answers["run"]])), 2),
@@ -104,6 +107,7 @@ def bench_ask(parsed) -> dict[str, Any]:
         ref = latency(wall["reference"], parts["reference"], "reference_")
         result.update({"reference_answer_quantization": opts["reference"],
                        "reference_prompt_lookup": paths["reference"].cfg.prompt_lookup,
+                       "reference_sentence_vectors": paths["reference"].sentences.stored is not None,
                        "reference_generator_weights": generator_kind(paths["reference"]), **ref,
                        "p50_ratio": round(result["p50_s"] / ref["reference_p50_s"], 4),
                        "p95_ratio": round(result["p95_s"] / ref["reference_p95_s"], 4),
