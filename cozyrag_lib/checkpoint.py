@@ -109,13 +109,10 @@ def save_final(run: Run) -> dict:
     The stage-3 index in run_dir/index/ stays as it was: it belongs to the base retriever (zero-shot runs use it).
     """
     cfg, paths = run.cfg, run.cfg.paths
-    sentences = None
-    if cfg.sentence_vectors:  # the passages' sentences for answering: still the index's, or embedded anew (every rank)
-        stored = run.sentence_cache.stored
-        if stored is None:
-            with run.autocast():
-                stored = SentenceVectors.embed(run.passage_encoder, run.pindex.passages, cfg.embed_batch_size)
-        sentences = stored
+    sentences = run.sentence_cache.stored if cfg.sentence_vectors else None
+    if cfg.sentence_vectors and sentences is None:  # the index's vectors are stale: embed anew (every rank)
+        with run.autocast():
+            sentences = SentenceVectors.embed(run.passage_encoder, run.pindex.passages, cfg.embed_batch_size)
     if distributed.is_main_process():
         with atomic_dir(paths.final_generator) as tmp, full_precision(run.master):
             save_generator(run.generator, run.tokenizer, tmp, cfg, merge=cfg.lora_merge)

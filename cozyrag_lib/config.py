@@ -83,6 +83,7 @@ class Config:
     retriever_max_steps_per_phase: int = 0  # cap for retriever phases alone (0 = max_steps_per_phase)
     max_train_qa: int = 0  # use at most this many training QA pairs (0 = all)
     max_train_descriptions: int = 0  # keep at most this many built-in description questions in training (0 = all)
+    drop_unsupported_years: bool = True  # description targets lose a trailing "(1879–1955)" whose years their context lacks (no invented dates)
     batch_size: int = 4  # per-process batch size
     grad_accum: int = 1  # micro-batches per optimizer step
     lr_generator: float = 5e-5  # AdamW learning rate of the generator

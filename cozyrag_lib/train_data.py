@@ -5,6 +5,7 @@ retriever), cached per (retriever version, index version) and sharded over ranks
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 from torch.utils.data import Dataset, DistributedSampler
@@ -32,9 +33,35 @@ def load_train_items(cfg: Config) -> list[dict]:
         keep = set(seeded_sample(desc, cfg.max_train_descriptions, cfg.seed))
         items = [it for i, it in enumerate(items) if it.get("qtype") != "description" or i in keep]
     items = seeded_sample(items, cfg.max_train_qa, cfg.seed)
+    if cfg.drop_unsupported_years:
+        items = [{**it, "answers": [drop_unsupported_years(it["answers"][0], it.get("context", "")), *it["answers"][1:]]}
+                 if it.get("qtype") == "description" else it for it in items]
     if not items:
         raise CozyError(f"{cfg.paths.qa_split('train')}: no training QA pairs; check qa_sources and rerun prepare-qa")
     return items
+
+
+# A trailing "(1879–1955)", "(born 1954)" or "(c. 1000 BC – 1050)": the life years of a short description.
+_YEARS = re.compile(r"\s*\(([^()]*\d{3,4}[^()]*)\)\s*$")
+
+
+def drop_unsupported_years(answer: str, context: str) -> str:
+    """The answer without its trailing parenthetical of years when a year in it is missing from `context`.
+
+    Short descriptions carry life years ("English novelist (1775–1817)") that the article's lead often
+    lacks; trained on them, the generator learns to write years it was never shown, and invents them.
+
+    >>> drop_unsupported_years("English novelist (1775–1817)", "Jane Austen was an English novelist.")
+    'English novelist'
+    >>> drop_unsupported_years("English novelist (1775–1817)", "Jane Austen (1775–1817) was an English novelist.")
+    'English novelist (1775–1817)'
+    >>> drop_unsupported_years("Chemical element with atomic number 17 (Cl)", "")
+    'Chemical element with atomic number 17 (Cl)'
+    """
+    m = _YEARS.search(answer)
+    if not m or all(year in context for year in re.findall(r"\d{3,4}", m.group(1))) or not answer[:m.start()].strip():
+        return answer
+    return answer[:m.start()]
 
 
 def plan_phases(cfg: Config, n_items: int, world: int) -> list[tuple[str, int]]:

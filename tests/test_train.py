@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 import signal
@@ -315,6 +316,35 @@ def test_max_train_descriptions_keeps_every_factoid(stages):
     fewer = train_data.load_train_items(cfg)
     assert sum(it["qtype"] == "description" for it in fewer) == 5
     assert [it for it in fewer if it["qtype"] != "description"] == [it for it in every if it["qtype"] != "description"]
+
+
+def test_description_targets_drop_years_their_context_lacks(stages):
+    cfg = load_config("tiny", out_root=stages.out_root, max_train_qa=0, drop_unsupported_years=False)
+    raw = train_data.load_train_items(cfg)
+    cfg.drop_unsupported_years = True
+    cut = train_data.load_train_items(cfg)
+    changed = [(a, b) for a, b in zip(raw, cut) if a != b]
+    assert changed, "the tiny train split should hold a person's description with years its lead lacks"
+    for a, b in changed:
+        assert a["qtype"] == "description" and a["question"] == b["question"]
+        head, years = a["answers"][0].rsplit(" (", 1)
+        assert b["answers"][0] == head and any(y not in a["context"] for y in re.findall(r"\d{3,4}", years))
+    assert [it for it in cut if it["qtype"] != "description"] == [it for it in raw if it["qtype"] != "description"]
+
+
+@pytest.mark.parametrize("answer, context, expected", [
+    ("French actor (1935–2024)", "Alain Delon was a French actor.", "French actor"),
+    ("French actor (1935–2024)", "Alain Delon (born 1935, died 2024) was a French actor.", "French actor (1935–2024)"),
+    ("American entertainer (born 1937)", "An American comedian born in 1937.", "American entertainer (born 1937)"),
+    ("Taiwanese filmmaker (born 1954)", "A Taiwanese film director.", "Taiwanese filmmaker"),
+    ("Dutch colony in Indonesia (1800–1949)", "", "Dutch colony in Indonesia"),
+    ("Chemical element with atomic number 17 (Cl)", "", "Chemical element with atomic number 17 (Cl)"),
+    ("Germanic Cherusci chieftain (18/17 BC – AD 21)", "", "Germanic Cherusci chieftain (18/17 BC – AD 21)"),
+    ("Byzantine emperor from 976 to 1025", "", "Byzantine emperor from 976 to 1025"),  # years in the text stay
+    ("(1999)", "", "(1999)"),  # nothing would be left
+])
+def test_drop_unsupported_years(answer, context, expected):
+    assert train_data.drop_unsupported_years(answer, context) == expected
 
 
 def test_mlflow_is_optional(tmp_path, capsys):
