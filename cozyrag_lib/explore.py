@@ -124,9 +124,10 @@ def _question_box_class():
 
 
 def compare(rags: dict, items: Sequence[dict], modes: Sequence[str] = ("closed", "rag", "oracle"),
-            batch_size: int = 8, out_dir: str | Path | None = None, split: str = "test") -> list[tuple[dict, list[dict]]]:
+            batch_size: int | None = None, out_dir: str | Path | None = None, split: str = "test") -> list[tuple[dict, list[dict]]]:
     """Evaluate every (pipeline, mode) pair on the same items; [(summary, predictions), ...].
 
+    batch_size: questions answered together (default: each pipeline's `eval_batch_size`).
     out_dir: each pair's summary and predictions are also written there, as `{label}-{mode}-{split}.json`
     and `.predictions.jsonl` (`evaluate.write_results`).
     """
@@ -135,7 +136,7 @@ def compare(rags: dict, items: Sequence[dict], modes: Sequence[str] = ("closed",
         for mode in modes:
             if mode == "oracle" and not any(it.get("context") for it in items):
                 continue
-            summary, preds = evaluate(rag, items, mode, batch_size=batch_size)
+            summary, preds = evaluate(rag, items, mode, batch_size=batch_size or rag.cfg.eval_batch_size)
             rows.append(({**summary, "model": label}, preds))
             if out_dir is not None:
                 write_results(rows[-1][0], preds, Path(out_dir) / f"{label}-{mode}-{split}.json")

@@ -194,3 +194,18 @@ def test_base_models_answer_in_one_sentence(base_rag):
     long = [o["answer"] for o in dataclasses.replace(base_rag, one_sentence=False).answer_batch(qs)]
     assert all(first_sentence(s) == s for s in short)
     assert all(lg.startswith(s) for s, lg in zip(short, long))
+
+
+def test_evaluations_answer_eval_batch_size_questions_together(base_rag, tiny_run, monkeypatch):
+    from cozyrag_lib import explore
+
+    items = read_qa(tiny_run.run_dir / "qa" / "test.jsonl")[:7]
+    sizes = []
+    answer_batch = base_rag.answer_batch
+    monkeypatch.setattr(base_rag, "answer_batch", lambda qs, *a, **kw: sizes.append(len(qs)) or answer_batch(qs, *a, **kw))
+    monkeypatch.setattr(base_rag.cfg, "eval_batch_size", 3)
+    (summary, preds), = explore.compare({"base": base_rag}, items, modes=["closed"])
+    assert sizes == [3, 3, 1] and summary["n"] == len(preds) == 7
+    sizes.clear()
+    explore.compare({"base": base_rag}, items, modes=["closed"], batch_size=4)
+    assert sizes == [4, 3]
