@@ -54,7 +54,7 @@ COMMANDS: dict[str, tuple[str, dict[str, tuple[Any, Any, str]]]] = {
         "json": (bool, False, "print one JSON object per question instead of text"),
     }),
     "evaluate": ("Evaluate a run on a QA file (EM/F1, recall@k, latency); config keys override the run's saved "
-                 "config (e.g. --top_k=8; --retrieval=bm25 or hybrid; --batch_size=16 questions answered together).", {
+                 "config (e.g. --top_k=8; --retrieval=bm25 or hybrid; --eval_batch_size=16 questions answered together).", {
                      "run": (str, None, RUN_HELP),
                      "qa": (str, REQUIRED, "QA file or table in any format prepare-qa reads (e.g. RUN/qa/test.jsonl, "
                                          "test.parquet, hf:rajpurkar/squad::validation)"),

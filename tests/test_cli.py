@@ -232,7 +232,7 @@ def test_parse_command_forms():
 
 @pytest.mark.slow
 def test_config_keys_reach_ask_and_evaluate(tiny_run, tmp_path, monkeypatch, capsys):
-    """--top_k=2 changes what ask retrieves; evaluate answers --batch_size questions at a time with --top_k."""
+    """--top_k=2 changes what ask retrieves; evaluate answers --eval_batch_size questions at a time with --top_k."""
     from cozyrag_lib import evaluate as evaluate_module
     from cozyrag_lib.__main__ import main
 
@@ -249,7 +249,7 @@ def test_config_keys_reach_ask_and_evaluate(tiny_run, tmp_path, monkeypatch, cap
         batches.append((batch_size, rag.cfg.top_k)) or real(rag, items, mode, batch_size=batch_size, show_progress=False)))
     out = tmp_path / "e.json"
     assert main(["evaluate", "--run", run, "--qa", str(tiny_run.paths.qa_split("test")), "--limit=3",
-                 "--top_k", "2", "--batch_size=3", f"--out={out}"]) == 0
+                 "--top_k", "2", "--eval_batch_size=3", f"--out={out}"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert batches == [(3, 2)] and summary["top_k"] == 2 and summary["n"] == 3
 
