@@ -177,7 +177,8 @@ class Chunker:
 
         Pieces are slices of the original text (token offsets), re-counted: a piece that grows when
         re-tokenized (a word cut in the middle) is shortened, and if even one token of it is too long
-        (a word fragment), the rest of the sentence is tokenized afresh from there.
+        (a word fragment), the rest of the sentence is tokenized afresh from there. The one piece that
+        can exceed the budget is a single character of more tokens than the budget (only budgets of 1–3).
         """
         pieces, text = [], sentence
         while text:
@@ -205,7 +206,11 @@ class Chunker:
                 if piece(start, end):  # (a first token over the budget cannot happen with WordPiece)
                     pieces.append((piece(start, end), n))
                 start = end
-            text = text[offsets[start][0]:].strip() if start < T else ""
+            cut = offsets[start][0] if start < T else len(text)
+            if cut == 0:  # the first character alone is over the budget (a budget of 1 and a character of 2
+                cut = max(offsets[0][1], 1)  # tokens): it stands alone, over the budget, so the loop moves on
+                pieces.append((text[:cut], self.count_tokens([text[:cut]])[0]))
+            text = text[cut:].strip()
         return pieces
 
 
