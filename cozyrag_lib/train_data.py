@@ -59,9 +59,10 @@ def drop_unsupported_years(answer: str, context: str) -> str:
     'Chemical element with atomic number 17 (Cl)'
     """
     m = _YEARS.search(answer)
-    if not m or all(year in context for year in re.findall(r"\d{3,4}", m.group(1))) or not answer[:m.start()].strip():
+    if not m or not answer[:m.start()].strip():  # no years, or nothing but years
         return answer
-    return answer[:m.start()]
+    supported = all(year in context for year in re.findall(r"\d{3,4}", m.group(1)))
+    return answer if supported else answer[:m.start()]
 
 
 def plan_phases(cfg: Config, n_items: int, world: int) -> list[tuple[str, int]]:
