@@ -156,6 +156,12 @@ def retrieval_pipelines(base, trained) -> dict:
     return pipes
 
 
+def other_retrievals(pipes: dict, rag) -> dict:
+    """The trained pipelines of `retrieval_pipelines` in every retrieval mode but `rag`'s own (which the
+    base-vs-trained comparison already answers): bm25 and hybrid for a dense run, dense and bm25 for a hybrid one."""
+    return {k: p for k, p in pipes.items() if k != "dense-base" and p.cfg.retrieval != rag.cfg.retrieval}
+
+
 def recall_curves(rags: dict, items: Sequence[dict], ks: Sequence[int] = (1, 2, 3, 5, 10, 20),
                   out: str | Path | None = None) -> dict[str, dict]:
     """`evaluate.recall_at_ks` for every pipeline on the same items ({label: curve}), each by its own retrieval

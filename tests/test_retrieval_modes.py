@@ -132,7 +132,7 @@ def test_config_key_checks_and_an_index_without_bm25(retriever, pindex, tmp_path
 def test_the_index_stage_builds_bm25_and_every_door_follows_the_key(tiny_run, tmp_path, capsys):
     from cozyrag_lib import RAG, read_qa
     from cozyrag_lib import evaluate as ev
-    from cozyrag_lib.explore import recall_curves, retrieval_pipelines
+    from cozyrag_lib.explore import other_retrievals, recall_curves, retrieval_pipelines
 
     paths = tiny_run.paths
     m = json.loads((paths.bm25 / "manifest.json").read_text())
@@ -152,6 +152,9 @@ def test_the_index_stage_builds_bm25_and_every_door_follows_the_key(tiny_run, tm
 
     pipes = retrieval_pipelines(RAG.load(f"base:{tiny_run.run_dir}"), rag.with_retrieval("dense"))
     assert list(pipes) == ["dense-base", "dense-trained", "bm25", "hybrid-trained"]
+    # notebook 05 answers once more in the modes the run does not use (quality runs are hybrid)
+    assert list(other_retrievals(pipes, rag.with_retrieval("dense"))) == ["bm25", "hybrid-trained"]
+    assert list(other_retrievals(pipes, rag.with_retrieval("hybrid"))) == ["dense-trained", "bm25"]
     curves = recall_curves(pipes, items, ks=[1, 5])
     assert [c["retrieval"] for c in curves.values()] == ["dense", "dense", "bm25", "hybrid"]
     assert curves["bm25"]["top5_accuracy"] == pytest.approx(
