@@ -98,6 +98,7 @@ class Config:
     lora_merge: bool = False  # with lora_r > 0: final/generator holds the merged full model instead of the adapter
     precision: str = "fp32"  # fp32, bf16 (autocast; faster on recent GPUs and CPUs with AMX), or auto (bf16 where fast)
     bf16_weights: bool = True  # under bf16: the generator holds bf16 weights, AdamW fp32 copies (master.py); false: fp32 weights under autocast
+    train_attention: str = "auto"  # the generator's attention in training: sdpa (fused), eager (plain matmuls), or auto: eager on CPUs, where the fused backward measured slower (README, Speed), sdpa on GPUs
     compile_generator: bool = False  # torch.compile the generator's training forward (dynamic shapes); ~3 min to compile on 2 CPU cores, no reliable gain there (README, Speed)
     top_k: int = 4  # passages retrieved per question
     max_length: int = 256  # hard limit on prompt + answer tokens
@@ -272,6 +273,8 @@ def validate(cfg: Config) -> Config:
         raise CozyError("config: bm25_stemmer must name a Snowball stemmer (english, porter, ...) or be none")
     if cfg.precision not in ("fp32", "bf16", "auto"):
         raise CozyError(f"config: precision must be fp32, bf16 or auto, got {cfg.precision!r}")
+    if cfg.train_attention not in ("auto", "sdpa", "eager"):
+        raise CozyError(f"config: train_attention must be auto, sdpa or eager, got {cfg.train_attention!r}")
     if cfg.answer_quantization not in ("auto", "int8", "none"):
         raise CozyError(f"config: answer_quantization must be auto, int8 or none, got {cfg.answer_quantization!r}")
     if cfg.qa_format not in ("auto", "squad", "qabot", "tsv", "jsonl"):

@@ -272,6 +272,14 @@ def use_bf16(precision: str, device) -> bool:
     return any(f is not None and f() for f in fast)  # without them bf16 is emulated: slower than fp32
 
 
+def training_attention(choice: str, device) -> str:
+    """The attention implementation to train with: `choice`, or for "auto" eager on CPUs (torch's fused CPU
+    attention backward is slower than plain matmuls at prompt lengths of a few hundred tokens) and sdpa on GPUs."""
+    if choice != "auto":
+        return choice
+    return "sdpa" if device.type == "cuda" else "eager"
+
+
 def use_int8(quantization: str, device) -> bool:
     """Whether to answer with int8 weights (`quantize.quantize_int8`): answer_quantization "int8", or "auto"
     on a CPU fast at bf16 (the int8 kernel multiplies bf16 activations; elsewhere "auto" is "none")."""

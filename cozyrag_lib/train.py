@@ -82,6 +82,7 @@ def train_loop(run: Run) -> dict:
     if main:
         print(f"training {len(run.items)} QA pairs on {world} process(es) ({run.device}); phases: "
               + ", ".join(f"{k} x{n} steps" for k, n in run.plan)
+              + f"; generator attention {run.generator.config._attn_implementation}"
               + ("; generator weights bf16, AdamW on fp32 copies" if run.master else "")
               + ("; generator forward compiled (torch.compile)" if hasattr(run.gen_model, "_orig_mod") else ""),
               flush=True)

@@ -23,7 +23,7 @@ from .jsonio import truncate_jsonl
 from .losses import GeneratorLoss, stopword_token_ids
 from .lora import with_lora
 from .master import MasterWeights
-from .models import is_adapter_folder, is_peft, load_generator, load_retriever, use_bf16
+from .models import is_adapter_folder, is_peft, load_generator, load_retriever, training_attention, use_bf16
 from .qa import read_qa, seeded_sample
 from .retrieval import SentenceCache, gold_passages
 from .train_data import load_train_items, plan_phases
@@ -114,6 +114,8 @@ def make_run(cfg: Config, device: torch.device, generator, tokenizer, retriever,
 
     `setup_run` (training) and `bench train` (a generator phase alone) both build their run here.
     """
+    if hasattr(generator, "set_attn_implementation"):  # a transformers model (bench and tests may pass others)
+        generator.set_attn_implementation(training_attention(cfg.train_attention, device))
     generator = with_lora(generator, cfg)  # lora_r > 0: adapters on a frozen generator (kept when resumed)
     # bf16 weights before DDP sees them (its buckets take their dtype); AdamW then steps the fp32 copies
     master = MasterWeights(generator) if trains_bf16_weights(cfg, device) else None

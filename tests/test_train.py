@@ -617,6 +617,39 @@ def test_compiled_generator_follows_the_eager_curve(stages, tmp_path):
 
 
 @pytest.mark.slow
+def test_eager_attention_follows_the_sdpa_curve(stages, tmp_path):
+    """train_attention: auto trains with plain-matmul (eager) attention on a CPU, which the README measures faster
+    there than the fused kernel; it gives sdpa's losses and weights up to rounding, and the saved generator
+    loads with the library's default attention (the choice is a training setting, not part of the model)."""
+    from safetensors.torch import load_file
+
+    gen = no_dropout_generator(stages, tmp_path / "generator")
+    args = ["--phases=generator", f"--generator={gen}", "--max_steps_per_phase=4", "--lr_generator=1e-3",
+            "--warmup_steps=0", "--eval_every=100", "--checkpoint_every=100", "--val_questions=[]", "--batch_size=4"]
+    runs = {}
+    for choice in ("sdpa", "auto"):
+        runs[choice] = new_run(stages, f"attention_{choice}")
+        r = subprocess.run(train_cmd(stages, f"attention_{choice}", *args, f"--train_attention={choice}"), cwd=ROOT,
+                           env=ENV, capture_output=True, text=True, timeout=900)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+        assert f"generator attention {'sdpa' if choice == 'sdpa' else 'eager'}" in r.stdout
+    a, b = ([r["loss"] for r in read_metrics(runs[c]) if "loss" in r] for c in ("sdpa", "auto"))
+    assert len(a) == len(b) == 4 and a[-1] < a[0]
+    assert b == pytest.approx(a, rel=1e-4)
+    wa, wb = (load_file(runs[c] / "final" / "generator" / "model.safetensors") for c in ("sdpa", "auto"))
+    assert max(float((wb[k] - wa[k]).abs().max()) for k in wa) < 1e-4
+    assert "eager" not in (runs["auto"] / "final" / "generator" / "config.json").read_text()
+
+
+def test_training_attention_is_eager_on_cpus_and_fused_on_gpus():
+    from cozyrag_lib.models import training_attention
+
+    assert training_attention("auto", torch.device("cpu")) == "eager"
+    assert training_attention("auto", torch.device("cuda")) == "sdpa"
+    assert training_attention("sdpa", torch.device("cpu")) == "sdpa"
+
+
+@pytest.mark.slow
 def test_bf16_training_checkpoints_and_saves_the_fp32_weights(stages):
     """precision=bf16 on two torchrun processes: the loop trains bf16 weights (DDP all-reduces bf16 gradients), a
     checkpoint mid-phase and the final generator hold the fp32 copies (values bf16 cannot hold), training goes on

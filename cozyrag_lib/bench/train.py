@@ -137,7 +137,8 @@ def setup_styles(cfg, device, items: list[dict], steps: int, opts: dict
     ref_lm = copy.deepcopy(lm) if opts["reference"] and trains_bf16_weights(cfg, device) else None  # before make_run re-types lm
     run = make_run(cfg, device, lm, tok, retriever, pindex, items, [("generator", steps)], TrainState(),
                    fused_adamw=bool(opts["fused_adamw"]))
-    ref_cfg = dataclasses.replace(cfg, bf16_weights=False, compile_generator=False)  # today's path: autocast, eager
+    ref_cfg = dataclasses.replace(cfg, bf16_weights=False, compile_generator=False,  # the path before: autocast, not compiled,
+                                  train_attention="sdpa")  # fused attention
     reference = make_run(ref_cfg, device, ref_lm, tok, retriever, pindex, items, [("generator", steps)], TrainState(),
                          fused_adamw=bool(opts["fused_adamw"])) if ref_lm is not None else None
     retriever.eval()  # as in a generator phase
