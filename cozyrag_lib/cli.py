@@ -77,8 +77,8 @@ COMMANDS: dict[str, tuple[str, dict[str, tuple[Any, Any, str]]]] = {
         "style": (str, "both", "both (ours and the per-sample loop, step by step) or ours"),
         "generator": (str, "bench:distilgpt2", "generator spec to measure (not the config key)"),
         "fused_adamw": (int, 1, "0: ours with the per-tensor AdamW instead of training's fused one"),
-        "reference": (int, 1, "1: under bf16 with bf16_weights, also time ours with fp32 weights under autocast, "
-                              "step by step (the path before master weights)"),
+        "reference": (int, 1, "1: where ours differs from it, also time the path before (fp32 weights, under "
+                              "autocast with bf16; sdpa attention; not compiled), step by step"),
         **BENCH_THREADS,
     }),
     "bench ask": ("p50 / p95 latency of one-question answer() calls, split into retrieve / context / generate.", {

@@ -108,7 +108,8 @@ def test_bench_train_reports_both_styles(tiny_run, capsys):
 
 def test_bench_train_times_bf16_weights_beside_the_autocast_reference(tiny_run, capsys):
     """Under bf16 ours trains bf16 weights with fp32 copies; the reference is the same step with fp32 weights under
-    autocast, on the same batches; --reference=0 leaves it out."""
+    autocast and sdpa attention, on the same batches; --reference=0 leaves it out. In fp32 the reference is timed
+    only where ours differs from it (here: eager attention)."""
     args = ["train", *run_args(tiny_run), "--generator=tiny:gpt2", "--steps=2", "--threads=1", "--style=ours",
             "--precision=bf16"]
     r = run_bench(capsys, *args)
@@ -121,8 +122,11 @@ def test_bench_train_times_bf16_weights_beside_the_autocast_reference(tiny_run, 
     assert not any(k.startswith("original_") for k in r)
     r = run_bench(capsys, *args, "--reference=0")
     assert not any(k.startswith("reference_") for k in r) and "vs_reference" not in r
-    r = run_bench(capsys, *args[:-1], "--precision=fp32")
-    assert r["bf16_weights"] is False and "vs_reference" not in r
+    r = run_bench(capsys, *args[:-1], "--precision=fp32", "--train_attention=sdpa")  # the reference path itself
+    assert r["bf16_weights"] is False and r["attention"] == "sdpa" and "vs_reference" not in r
+    r = run_bench(capsys, *args[:-1], "--precision=fp32")  # fp32 weights, eager attention (auto, on a CPU)
+    assert r["bf16_weights"] is False and r["attention"] == "eager" and positive(r["vs_reference"])
+    assert r["real_tokens"] == r["reference_real_tokens"]
 
 
 def test_bench_train_rejects_bad_options(tiny_run):

@@ -1,10 +1,13 @@
 """`bench train`: samples/s, tokens/s and MFU of the generator phase as `train.py` runs it (contexts built
 in batches once per phase, batches padded to their longest, LM-head logits at answer positions only),
 retrieval and context building included, against the per-sample step it replaced (`PerSampleStep`, in
-`per_sample.py`) on the same questions, the two alternating step by step. Under bf16 with `bf16_weights`
-(the generator in bf16, AdamW on fp32 copies: master.py) ours is also timed as it ran before, fp32 weights
-under autocast and not compiled (`reference_*`, `vs_reference`), in the same rotation. `--compile_generator=true`
-compiles ours (give `--warmup=3`: the untimed steps pay for compiling; the reference stays eager).
+`per_sample.py`) on the same questions, the two alternating step by step. Where the run's settings differ
+from the path before them (`reference_path`: fp32 weights, under autocast with bf16; sdpa attention; not
+compiled), ours is also timed that way (`reference_*`, `vs_reference`), in the same rotation: bf16 weights
+(`bf16_weights`: the generator in bf16, AdamW on fp32 copies, master.py), eager attention (`train_attention`,
+eager on CPUs) and `--compile_generator=true` (give `--warmup=3`: the untimed steps pay for compiling) are
+each measured against it; `--train_attention=sdpa --bf16_weights=false` beside it, for instance, isolates
+what the attention alone gains.
 
     python -m cozyrag_lib bench train --preset=demo --steps=20
 
@@ -15,7 +18,7 @@ index are used; a run without them is replaced by a small one (500 articles) bui
 temporary folder. The original's settings apply unless given (`original_settings`: top_k 4, 10
 sentences, 128-token context, batch 4, lr 5e-5, as presets/original.toml has them). Options:
 `--steps=20`, `--warmup=1`, `--style=both|ours`, `--generator=SPEC`, `--fused_adamw=0` (ours with the
-per-tensor AdamW instead of training's fused one), `--reference=0` (no autocast reference).
+per-tensor AdamW instead of training's fused one), `--reference=0` (no reference path).
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ from .. import distributed
 from ..config import coerce, read_preset
 from ..errors import CozyError
 from ..index import PassageIndex
-from ..models import TINY_GENERATOR, load_generator, load_retriever, resolve_generator_path
+from ..models import TINY_GENERATOR, load_generator, load_retriever, resolve_generator_path, training_attention
 from ..train_data import PhaseBatches, load_train_items, prepare_phase
 from ..train_setup import make_run, trains_bf16_weights
 from ..train_state import Run, TrainState
@@ -57,6 +60,16 @@ def original_settings() -> dict[str, Any]:
     preset = read_preset("original")
     return {k: coerce(k, preset[k], "preset original") if k in preset else NOT_IN_ORIGINAL_PRESET[k]
             for k in ORIGINAL_KEYS}
+
+
+# the generator phase as it ran before bf16 weights, eager attention on CPUs and torch.compile: the reference
+REFERENCE_PATH = {"bf16_weights": False, "train_attention": "sdpa", "compile_generator": False}
+
+
+def reference_path(cfg, device) -> bool:
+    """Whether `cfg` trains the generator as the reference path does (so there is nothing to compare it with)."""
+    return not (trains_bf16_weights(cfg, device) or training_attention(cfg.train_attention, device) != "sdpa"
+                or cfg.compile_generator)
 
 
 def bench_generator(spec: str, cfg):
@@ -126,19 +139,18 @@ def train_config(parsed):
 
 def setup_styles(cfg, device, items: list[dict], steps: int, opts: dict
                  ) -> tuple[Run, Run | None, PerSampleStep | None]:
-    """Our training `Run` of a generator phase of `steps` steps; (`--reference`, under bf16 with bf16_weights)
-    the same with fp32 weights under autocast; (style both) the per-sample step. Each starts from the same
+    """Our training `Run` of a generator phase of `steps` steps; (`--reference`, where ours differs from it)
+    the same on the reference path (REFERENCE_PATH); (style both) the per-sample step. Each starts from the same
     initial weights; they share the retriever and passage index."""
     pindex = PassageIndex.load(cfg.paths.index, cfg.paths.passages, retriever=cfg.retriever)
     retriever = load_retriever(cfg.retriever, str(device), cfg.trust_remote_code)
     lm, tok = bench_generator(opts["generator"], cfg)
     lm.to(device).train()
     other = copy.deepcopy(lm) if opts["style"] == "both" else None  # the same initial weights
-    ref_lm = copy.deepcopy(lm) if opts["reference"] and trains_bf16_weights(cfg, device) else None  # before make_run re-types lm
+    ref_lm = copy.deepcopy(lm) if opts["reference"] and not reference_path(cfg, device) else None  # before make_run re-types lm
     run = make_run(cfg, device, lm, tok, retriever, pindex, items, [("generator", steps)], TrainState(),
                    fused_adamw=bool(opts["fused_adamw"]))
-    ref_cfg = dataclasses.replace(cfg, bf16_weights=False, compile_generator=False,  # the path before: autocast, not compiled,
-                                  train_attention="sdpa")  # fused attention
+    ref_cfg = dataclasses.replace(cfg, **REFERENCE_PATH)
     reference = make_run(ref_cfg, device, ref_lm, tok, retriever, pindex, items, [("generator", steps)], TrainState(),
                          fused_adamw=bool(opts["fused_adamw"])) if ref_lm is not None else None
     retriever.eval()  # as in a generator phase
@@ -228,6 +240,7 @@ def bench_train(parsed) -> dict[str, Any]:
               "params": sum(p.numel() for p in run.generator.parameters()), "source": str(cfg.run_dir),
               "device": device_name(device), "precision": "bf16" if bf16 else "fp32", "steps": len(timed),
               "batch_size": cfg.batch_size, "bf16_weights": run.master is not None,
+              "attention": run.generator.config._attn_implementation,
               "compile_generator": cfg.compile_generator,
               **summary(records["ours"], watches["ours"], shape, peak)}
     if reference:
