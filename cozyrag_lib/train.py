@@ -82,7 +82,7 @@ def train_loop(run: Run) -> dict:
     if main:
         print(f"training {len(run.items)} QA pairs on {world} process(es) ({run.device}); phases: "
               + ", ".join(f"{k} x{n} steps" for k, n in run.plan)
-              + f"; generator attention {run.generator.config._attn_implementation}"
+              + f"; generator attention {run.train_attention} in its steps, {run.answer_attention} elsewhere"
               + ("; generator weights bf16, AdamW on fp32 copies" if run.master else "")
               + ("; generator forward compiled (torch.compile)" if hasattr(run.gen_model, "_orig_mod") else ""),
               flush=True)
@@ -107,6 +107,7 @@ def train_loop(run: Run) -> dict:
                    unit="step", disable=not main, dynamic_ncols=True)
         while st.phase_step < n_steps:
             t0 = time.time()
+            run.use_attention(gen)  # again after each evaluation, which answers under answer_attention
             lr = get_lr(st.kind_steps(kind), totals[kind], lr0, cfg.warmup_steps)
             for group in opt.param_groups:
                 group["lr"] = lr

@@ -137,6 +137,7 @@ def answer_val_questions(run: Run) -> list[dict]:
     cfg = run.cfg
     if not cfg.val_questions or not distributed.is_main_process():
         return []
+    run.use_attention(training=False)
     with run.autocast():
         q_emb, _, ids = retrieve(run.retriever, run.pindex, cfg.val_questions, cfg.top_k, cfg.embed_batch_size)
         contexts = build_contexts(q_emb, ids, run.pindex.passages, sentence_cache(run), run.tokenizer,
@@ -241,6 +242,7 @@ def refresh_index(run: Run) -> dict:
 def log_eval(run: Run, extra: dict | None = None) -> None:
     """Evaluate and log one row, with `extra` values in it (also printed on rank 0)."""
     st = run.state
+    run.use_attention(training=False)
     row = {"step": st.step, "phase": run.phase, "phase_index": st.phase_index, **estimate_loss(run), **(extra or {}),
            "retriever_version": st.ret_step, "index_version": st.index_version}
     run.log.log(row)

@@ -114,8 +114,8 @@ def make_run(cfg: Config, device: torch.device, generator, tokenizer, retriever,
 
     `setup_run` (training) and `bench train` (a generator phase alone) both build their run here.
     """
-    if hasattr(generator, "set_attn_implementation"):  # a transformers model (bench and tests may pass others)
-        generator.set_attn_implementation(training_attention(cfg.train_attention, device))
+    answer_attention, train_attention = generator.config._attn_implementation, training_attention(cfg.train_attention, device)
+    generator.set_attn_implementation(train_attention)  # train_loop switches between the two (Run.use_attention)
     generator = with_lora(generator, cfg)  # lora_r > 0: adapters on a frozen generator (kept when resumed)
     # bf16 weights before DDP sees them (its buckets take their dtype); AdamW then steps the fp32 copies
     master = MasterWeights(generator) if trains_bf16_weights(cfg, device) else None
@@ -130,7 +130,8 @@ def make_run(cfg: Config, device: torch.device, generator, tokenizer, retriever,
               opt_retriever=adamw(retriever.parameters(), cfg.lr_retriever, cfg.weight_decay, device, fused_adamw),
               loss_fn=GeneratorLoss.from_config(cfg, keyword_ignore_ids=stopword_token_ids(tokenizer)),
               pindex=pindex, items=items, gold=gold_passages(items, pindex.passages), val_items=list(val_items),
-              plan=plan, state=state, master=master)
+              plan=plan, state=state, master=master, train_attention=train_attention,
+              answer_attention=answer_attention)
     # the index's stored sentence vectors belong to the passage encoder before any retriever phase (and to the
     # frozen one of query_only): phase 1 reads its context sentences from there instead of encoding them
     fresh = state.ret_step == 0 or cfg.query_only

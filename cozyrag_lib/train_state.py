@@ -91,6 +91,8 @@ class Run:
     val_cache: dict = field(default_factory=dict)  # (retriever version, index version) -> retrieval results
     log: Any = None  # MetricsLog
     master: Any = None  # MasterWeights of the generator (bf16_weights under bf16), else None
+    train_attention: str = "sdpa"  # the generator's attention in its own phase's steps (cfg.train_attention resolved)
+    answer_attention: str = "sdpa"  # ... everywhere else: the one it was loaded with
 
     @property
     def versions(self) -> tuple[int, int]:
@@ -108,3 +110,11 @@ class Run:
 
     def autocast(self):
         return autocast(self.cfg.precision, self.device)
+
+    def use_attention(self, training: bool) -> None:
+        """Put the generator under `train_attention` for a generator-phase step (training=True), else under
+        `answer_attention`: forwards without a backward through the generator (the retriever phase's candidate
+        scores, val_loss, the validation answers) keep the attention that answers fastest."""
+        impl = self.train_attention if training else self.answer_attention
+        if self.generator.config._attn_implementation != impl:
+            self.generator.set_attn_implementation(impl)

@@ -187,14 +187,10 @@ def test_final_adapter_loads_in_rag_with_the_trained_logits(lora_run):
     assert not (final / "model.safetensors").exists()
     rag = RAG.load(lora_run.cfg.run_dir, device="cpu", answer_quantization="none")
     assert lora.is_peft(rag.generator)
-    # the run trained with eager attention (train_attention auto, on a CPU), a training setting the saved model does
-    # not carry: the same weights under the loaded model's attention give the same logits to the bit
-    trained = lora_run.generator.config._attn_implementation
-    lora_run.generator.set_attn_implementation(rag.generator.config._attn_implementation)
-    try:
-        assert torch.equal(logits(rag.generator, rag.tokenizer), logits(lora_run.generator, lora_run.tokenizer))
-    finally:
-        lora_run.generator.set_attn_implementation(trained)
+    # training ran its generator steps eager (train_attention auto, on a CPU) and ended under the attention it
+    # loaded with, as the saved model loads: the same logits to the bit
+    assert lora_run.generator.config._attn_implementation == rag.generator.config._attn_implementation
+    assert torch.equal(logits(rag.generator, rag.tokenizer), logits(lora_run.generator, lora_run.tokenizer))
     out = rag.answer("What is anarchism?")
     assert isinstance(out["answer"], str) and out["passages"]
 

@@ -632,13 +632,39 @@ def test_eager_attention_follows_the_sdpa_curve(stages, tmp_path):
         r = subprocess.run(train_cmd(stages, f"attention_{choice}", *args, f"--train_attention={choice}"), cwd=ROOT,
                            env=ENV, capture_output=True, text=True, timeout=900)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
-        assert f"generator attention {'sdpa' if choice == 'sdpa' else 'eager'}" in r.stdout
+        assert f"generator attention {'sdpa' if choice == 'sdpa' else 'eager'} in its steps, sdpa elsewhere" in r.stdout
     a, b = ([r["loss"] for r in read_metrics(runs[c]) if "loss" in r] for c in ("sdpa", "auto"))
     assert len(a) == len(b) == 4 and a[-1] < a[0]
     assert b == pytest.approx(a, rel=1e-4)
     wa, wb = (load_file(runs[c] / "final" / "generator" / "model.safetensors") for c in ("sdpa", "auto"))
     assert max(float((wb[k] - wa[k]).abs().max()) for k in wa) < 1e-4
     assert "eager" not in (runs["auto"] / "final" / "generator" / "config.json").read_text()
+
+
+def test_only_generator_steps_run_the_training_attention(stages):
+    """train_attention covers the generator's own steps: the forwards without a backward through it (the
+    retriever phase's candidate scores, val_loss, the validation answers) run the attention it was loaded with
+    (sdpa), which answers faster on a CPU; training ends under that one."""
+    from cozyrag_lib.train_setup import setup_run
+
+    new_run(stages, "attention_phases")
+    cfg = load_config("tiny", out_root=stages.out_root, run_name="attention_phases", model_cache=stages.model_cache,
+                      **STAGE_ARGS, phases=["generator", "retriever"], max_steps_per_phase=2, batch_size=2,
+                      val_questions=["What is anarchism?"], max_new_tokens=2, retriever_candidates=3,
+                      train_attention="eager")
+    run = setup_run(cfg, torch.device("cpu"), False)
+    seen = []  # (gradients on, attention) of every forward through the generator's transformer
+    train_steps.base_model_of(run.generator).register_forward_pre_hook(
+        lambda *_: seen.append((torch.is_grad_enabled(), run.generator.config._attn_implementation)))
+    try:
+        train.train_loop(run)
+    finally:
+        run.log.close()
+    assert {a for grad, a in seen if grad} == {"eager"}
+    assert {a for grad, a in seen if not grad} == {"sdpa"}
+    assert sum(grad for grad, _ in seen) == 2  # the generator phase's two steps
+    assert len(seen) > 10  # evaluations, answers and the retriever phase's scores
+    assert run.generator.config._attn_implementation == "sdpa"
 
 
 def test_training_attention_is_eager_on_cpus_and_fused_on_gpus():

@@ -2,7 +2,7 @@
 in batches once per phase, batches padded to their longest, LM-head logits at answer positions only),
 retrieval and context building included, against the per-sample step it replaced (`PerSampleStep`, in
 `per_sample.py`) on the same questions, the two alternating step by step. Where the run's settings differ
-from the path before them (`reference_path`: fp32 weights, under autocast with bf16; sdpa attention; not
+from the path before them (`REFERENCE_PATH`: fp32 weights, under autocast with bf16; sdpa attention; not
 compiled), ours is also timed that way (`reference_*`, `vs_reference`), in the same rotation: bf16 weights
 (`bf16_weights`: the generator in bf16, AdamW on fp32 copies, master.py), eager attention (`train_attention`,
 eager on CPUs) and `--compile_generator=true` (give `--warmup=3`: the untimed steps pay for compiling) are
@@ -66,10 +66,11 @@ def original_settings() -> dict[str, Any]:
 REFERENCE_PATH = {"bf16_weights": False, "train_attention": "sdpa", "compile_generator": False}
 
 
-def reference_path(cfg, device) -> bool:
-    """Whether `cfg` trains the generator as the reference path does (so there is nothing to compare it with)."""
-    return not (trains_bf16_weights(cfg, device) or training_attention(cfg.train_attention, device) != "sdpa"
-                or cfg.compile_generator)
+def differs_from_reference(cfg, device) -> bool:
+    """Whether `cfg` trains the generator otherwise than the reference path (else there is nothing to compare)."""
+    def path(c):  # the settings of REFERENCE_PATH as they resolve on `device`
+        return trains_bf16_weights(c, device), training_attention(c.train_attention, device), c.compile_generator
+    return path(cfg) != path(dataclasses.replace(cfg, **REFERENCE_PATH))
 
 
 def bench_generator(spec: str, cfg):
@@ -147,7 +148,7 @@ def setup_styles(cfg, device, items: list[dict], steps: int, opts: dict
     lm, tok = bench_generator(opts["generator"], cfg)
     lm.to(device).train()
     other = copy.deepcopy(lm) if opts["style"] == "both" else None  # the same initial weights
-    ref_lm = copy.deepcopy(lm) if opts["reference"] and not reference_path(cfg, device) else None  # before make_run re-types lm
+    ref_lm = copy.deepcopy(lm) if opts["reference"] and differs_from_reference(cfg, device) else None  # before make_run re-types lm
     run = make_run(cfg, device, lm, tok, retriever, pindex, items, [("generator", steps)], TrainState(),
                    fused_adamw=bool(opts["fused_adamw"]))
     ref_cfg = dataclasses.replace(cfg, **REFERENCE_PATH)
