@@ -36,6 +36,7 @@ from .master import full_precision
 from .models import retriever_identity
 from .paths import RunPaths
 from .retrieval import SentenceVectors
+from .train_data import sentence_cache
 from .train_state import Run, TrainState
 
 
@@ -109,7 +110,9 @@ def save_final(run: Run) -> dict:
     The stage-3 index in run_dir/index/ stays as it was: it belongs to the base retriever (zero-shot runs use it).
     """
     cfg, paths = run.cfg, run.cfg.paths
-    sentences = run.sentence_cache.stored if cfg.sentence_vectors else None
+    # the stored vectors stay only while they belong to the passage encoder (not after a retriever phase that
+    # no context was built after, e.g. without validation questions)
+    sentences = sentence_cache(run).stored if cfg.sentence_vectors else None
     if cfg.sentence_vectors and sentences is None:  # the index's vectors are stale: embed anew (every rank)
         with run.autocast():
             sentences = SentenceVectors.embed(run.passage_encoder, run.pindex.passages, cfg.embed_batch_size)

@@ -281,6 +281,8 @@ def validate(cfg: Config) -> Config:
         raise CozyError(f"config: qa_format must be auto, squad, qabot, tsv or jsonl, got {cfg.qa_format!r}")
     if cfg.device not in ("auto", "cpu", "cuda"):
         raise CozyError(f"config: device must be auto, cpu or cuda, got {cfg.device!r}")
+    if not cfg.phases:
+        raise CozyError("config: phases is empty; name at least one of generator, retriever")
     for p in cfg.phases:
         if p not in ("generator", "retriever"):
             raise CozyError(f"config: phases may hold only 'generator' and 'retriever', got {p!r}")

@@ -51,9 +51,10 @@ def _title(t: str) -> str:
 
 
 def evaluate(rag, items: Sequence[dict], mode: str = "rag", top_k: int | None = None,
-             batch_size: int = 8, show_progress: bool = True) -> tuple[dict, list[dict]]:
-    """(summary, predictions) of `rag` on QA items {question, answers, title?, context?}."""
-    k = top_k or rag.cfg.top_k
+             batch_size: int | None = None, show_progress: bool = True) -> tuple[dict, list[dict]]:
+    """(summary, predictions) of `rag` on QA items {question, answers, title?, context?}, answered `batch_size`
+    questions at a time (default: the run's `eval_batch_size`)."""
+    k, batch_size = top_k or rag.cfg.top_k, batch_size or rag.cfg.eval_batch_size
     if mode == "oracle":
         skipped = sum(1 for it in items if not it.get("context"))
         items = [it for it in items if it.get("context")]
@@ -222,7 +223,7 @@ def cli(argv: list[str]) -> int:
         items, _ = load_qa_file(opts["qa"], opts["format"])
     items = items[:opts["limit"]] if opts["limit"] else items
     rag = RAG.load(run_spec(run_dir, base), corpus=opts["corpus"], **load_kw)
-    summary, preds = evaluate(rag, items, opts["mode"], batch_size=rag.cfg.eval_batch_size)
+    summary, preds = evaluate(rag, items, opts["mode"])
     how = opts["mode"] + (f"-{rag.cfg.retrieval}" if opts["mode"] == "rag" and rag.cfg.retrieval != "dense" else "")
     name = re.sub(r"[^\w.-]+", "-", Path(opts["qa"]).stem)  # hf:org/name::split -> name-split
     out = Path(opts["out"]) if opts["out"] else run_dir / "eval" / f"{'base-' if base else ''}{how}-{name}.json"

@@ -136,7 +136,7 @@ def compare(rags: dict, items: Sequence[dict], modes: Sequence[str] = ("closed",
         for mode in modes:
             if mode == "oracle" and not any(it.get("context") for it in items):
                 continue
-            summary, preds = evaluate(rag, items, mode, batch_size=batch_size or rag.cfg.eval_batch_size)
+            summary, preds = evaluate(rag, items, mode, batch_size=batch_size)
             rows.append(({**summary, "model": label}, preds))
             if out_dir is not None:
                 write_results(rows[-1][0], preds, Path(out_dir) / f"{label}-{mode}-{split}.json")

@@ -101,8 +101,10 @@ class RAG:
                 raise CozyError(f"{run_dir}: no trained model in {paths.final}/ (train it first, or use base:{run_dir} "
                                 f"for the untrained models)")
             gen_spec, ret_spec, index_dir = str(paths.final_generator), str(paths.final_retriever), paths.final_index
-        # a LoRA run's final/generator is an adapter: it loads on top of the base the run config names
-        generator, tokenizer = load_generator(gen_spec, cfg.model_cache, cfg.trust_remote_code, base=cfg.generator)
+        # a LoRA run's final/generator is an adapter: it loads on top of the base the run config names; base: loads
+        # that config's generator itself (an adapter folder there brings its own base)
+        generator, tokenizer = load_generator(gen_spec, cfg.model_cache, cfg.trust_remote_code,
+                                              base=None if base else cfg.generator)
         generator.to(dev).eval()
         # on a CPU fast at bf16, int8 weights (answer_quantization auto / int8): decoding is memory-bound
         # there, and answers come in about half the time of bf16 weights with the same EM/F1 (README, Speed).
@@ -179,16 +181,14 @@ class RAG:
             sentence_lists: list[list[str]] = [[] for _ in questions]
             prompted = [""] * n
             if mode != "closed":
-                self.sentences.add([p for row in hits for p in row])
+                # gold contexts are per call: their sentences go to a cache of this call alone
+                cache = self.sentences if mode == "rag" else SentenceCache(self.sentences.retriever,
+                                                                           self.sentences.batch_size)
+                cache.add([p for row in hits for p in row])
                 for i, row in enumerate(hits):
-                    ranked = rank_sentences(q_emb[i], [p["id"] for p in row], self.sentences, cfg.answer_max_sentences)
+                    ranked = rank_sentences(q_emb[i], [p["id"] for p in row], cache, cfg.answer_max_sentences)
                     prompted[i] = truncate_tokens(self.tokenizer, " ".join(ranked), cfg.context_tokens)
                     sentence_lists[i] = [s for s in ranked if s in prompted[i]] or ([prompted[i]] if prompted[i] else [])
-                if mode == "oracle":  # gold contexts are per call; don't let them pile up in the cache
-                    for row in hits:
-                        for p in row:
-                            self.sentences.sentences.pop(p["id"], None)
-                            self.sentences.embeddings.pop(p["id"], None)
         t2 = time.perf_counter()
         prompts = [format_prompt(self.tokenizer, q, c, cfg.prompt_template) for q, c in zip(questions, prompted)]
         answers = generate_answers(self.generator, self.tokenizer, prompts, cfg.max_new_tokens, max(n, 1),

@@ -308,10 +308,6 @@ def encode_example(tokenizer, question: str, context: str, answer: str, template
     }
 
 
-def example_length(example: dict) -> int:
-    return len(example["prompt_ids"]) + len(example["answer_ids"])
-
-
 def _pad(rows: list[list[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad lists to (B, max len): (values, bool mask of real entries)."""
     width = max(1, max(len(r) for r in rows))

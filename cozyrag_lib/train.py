@@ -42,7 +42,6 @@ import json
 import sys
 import time
 
-import numpy as np
 import torch
 from torch.utils.data import DistributedSampler
 from tqdm import tqdm  # text bars: they also stream through papermill, where widget bars stay invisible
@@ -53,7 +52,7 @@ from .cli import debug_requested, parse_command
 from .config import Config
 from .errors import run_guarded
 from .jsonio import append_jsonl
-from .train_data import PhaseBatches, get_lr, micro_batches, prepare_phase
+from .train_data import PhaseBatches, get_lr, item_lengths, micro_batches, prepare_phase
 from .train_eval import answer_val_questions, log_eval, reduce_mean, refresh_index, stale_recall
 from .train_setup import setup_run
 from .train_state import Run
@@ -97,8 +96,7 @@ def train_loop(run: Run) -> dict:
         opt, lr0 = (run.opt_generator, cfg.lr_generator) if gen else (run.opt_retriever, cfg.lr_retriever)
         run.generator.train(gen)
         run.retriever.train(not gen)
-        lengths = np.array([len(it["question"]) + len(it["answers"][0]) for it in run.items])
-        phase_batches = PhaseBatches(lengths, cfg.batch_size, world, cfg.seed, pi, cfg.grad_accum)
+        phase_batches = PhaseBatches(item_lengths(run.items), cfg.batch_size, world, cfg.seed, pi, cfg.grad_accum)
         sampler = DistributedSampler(phase_batches, num_replicas=world, rank=distributed.get_rank(), shuffle=False)
         if run.phase_data is None:  # retrieve for the questions this phase will use
             run.phase_data = prepare_phase(run, kind, phase_batches.items_used(n_steps))

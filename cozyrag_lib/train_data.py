@@ -81,6 +81,11 @@ def plan_phases(cfg: Config, n_items: int, world: int) -> list[tuple[str, int]]:
     return [(kind, cap(kind)) for kind in cfg.phases * cfg.phase_repeats]
 
 
+def item_lengths(items: list[dict]) -> np.ndarray:
+    """What PhaseBatches buckets training items by: the characters of the question and its first answer."""
+    return np.array([len(it["question"]) + len(it["answers"][0]) for it in items])
+
+
 class PhaseBatches(Dataset):
     """Pre-formed, length-bucketed batches of one phase; item i is one rank's slice of a global batch.
 

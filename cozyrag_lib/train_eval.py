@@ -53,13 +53,17 @@ from .train_steps import AnswerLM
 # validation, answers to cfg.val_questions, index refresh
 
 
+def val_modes(run: Run) -> tuple[str, ...]:
+    """The retrieval modes validation recall is logged for: all of them where the index has BM25, else the run's."""
+    return RETRIEVAL_MODES if run.pindex.has_bm25() else (run.pindex.retrieval,)
+
+
 @torch.no_grad()
 def val_retrieval(run: Run) -> dict:
     """{item id: {mode: (recall@5, top-5, top-20 accuracy), "run": (recall@5, recall@1, answer recall@5, title
     recall@5)}} of the validation questions, retrieved by the current retriever and index (cached per version)."""
     cfg, items, passages = run.cfg, run.val_items, run.pindex.passages
-    key = run.versions
-    modes = RETRIEVAL_MODES if run.pindex.has_bm25() else (run.pindex.retrieval,)
+    key, modes = run.versions, val_modes(run)
     if key not in run.val_cache:  # retrieval depends only on the retriever and the index: cached per version
         def work(share: range) -> dict:
             mine = items[share.start:share.stop]
@@ -89,7 +93,7 @@ def estimate_loss(run: Run) -> dict:
     cfg, items = run.cfg, run.val_items
     if not items:
         return {}
-    modes = RETRIEVAL_MODES if run.pindex.has_bm25() else (run.pindex.retrieval,)
+    modes = val_modes(run)
     by_mode = val_retrieval(run)
     hits = {i: h["run"] for i, h in by_mode.items()}
     contexts = contexts_for(run, items, cfg.train_max_sentences)
@@ -257,10 +261,10 @@ class MetricsLog:
         self.path, self.mlflow, self.lines = path, None, 0
         if not distributed.is_main_process():
             return
+        if cfg.mlflow:  # first: a bad tracking URI stops here, before the metrics file is open
+            self.mlflow = start_mlflow(cfg, resume=keep_lines is not None)
         self.lines = truncate_jsonl(path, keep_lines)
         self.file = open(path, "a", encoding="utf-8")
-        if cfg.mlflow:
-            self.mlflow = start_mlflow(cfg, resume=keep_lines is not None)
 
     def log(self, row: dict) -> None:
         if not distributed.is_main_process():

@@ -79,10 +79,25 @@ def test_closed_and_oracle_modes(base_rag):
     gold = "Ada Lovelace was an English mathematician. She wrote the first program. Cats are mammals."
     oracle = base_rag.answer("Who wrote the first program?", mode="oracle", context=gold)
     assert oracle["context_sentences"][0] == "She wrote the first program."
+    # gold contexts belong to their call: the next one reads its own, and none stays in the passage cache
+    other = base_rag.answer("Who wrote the first program?", mode="oracle", context="Grace Hopper wrote a compiler.")
+    assert other["context_sentences"] == ["Grace Hopper wrote a compiler."]
+    assert not any(k.startswith("gold-") for k in base_rag.sentences.sentences)
     with pytest.raises(CozyError):
         base_rag.answer_batch(["x?"], mode="oracle")  # oracle needs contexts
     with pytest.raises(CozyError):
         base_rag.answer("   ")
+
+
+def test_evaluate_answers_eval_batch_size_questions_at_a_time(base_rag, tiny_run, monkeypatch):
+    items = read_qa(tiny_run.run_dir / "qa" / "test.jsonl")[:5]
+    sizes, answer_batch = [], base_rag.answer_batch
+    monkeypatch.setattr(base_rag, "answer_batch", lambda qs, *a: sizes.append(len(qs)) or answer_batch(qs, *a))
+    monkeypatch.setattr(base_rag.cfg, "eval_batch_size", 2)
+    evaluate(base_rag, items, "rag", show_progress=False)
+    assert sizes == [2, 2, 1]
+    evaluate(base_rag, items, "rag", batch_size=4, show_progress=False)
+    assert sizes[3:] == [4, 1]
 
 
 def test_evaluate_metrics_are_consistent_with_predictions(base_rag, tiny_run, tmp_path):

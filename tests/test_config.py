@@ -129,6 +129,7 @@ def test_wrong_types_are_errors(key, value):
     ("qa_format", "xml", "qa_format must be"),
     ("device", "tpu", "device must be auto, cpu or cuda"),
     ("phases", ["generator", "critic"], "phases may hold only"),
+    ("phases", [], "phases is empty"),
     ("run_name", "a/b", "run_name must be a plain folder name"),
     ("run_name", "..", "run_name must be a plain folder name"),
 ])

@@ -195,6 +195,14 @@ def test_final_adapter_loads_in_rag_with_the_trained_logits(lora_run):
     assert isinstance(out["answer"], str) and out["passages"]
 
 
+def test_base_models_of_a_run_on_an_adapter_apply_it_once(lora_run):
+    """base:RUN of a run whose generator is a LoRA run's final/generator (an adapter folder) answers with that
+    adapter on its own base, once: the logits of the model that trained it."""
+    final = RunPaths(lora_run.cfg.run_dir).final_generator
+    rag = RAG.load(f"base:{lora_run.cfg.run_dir}", device="cpu", answer_quantization="none", generator=str(final))
+    assert torch.equal(logits(rag.generator, rag.tokenizer), logits(lora_run.generator, lora_run.tokenizer))
+
+
 def test_lora_merge_writes_a_plain_transformers_model(merged_run):
     from transformers import AutoModelForCausalLM
 

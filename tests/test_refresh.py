@@ -3,6 +3,7 @@ whose retriever is moved by a seeded perturbation (a stand-in for a retriever ph
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import shutil
@@ -184,6 +185,27 @@ def test_bench_refresh_at_scale(trained, capsys):
 
 
 @pytest.mark.slow
+def test_final_sentence_vectors_belong_to_the_saved_retriever(run):
+    """save_final after the retriever moved with no context built since (a plan ending in a retriever phase,
+    without validation questions): final/index holds the saved retriever's sentence vectors, not stage 3's."""
+    from cozyrag_lib.checkpoint import save_final
+    from cozyrag_lib.index import PassageIndex
+    from cozyrag_lib.models import load_retriever
+    from cozyrag_lib.retrieval import SentenceCache
+
+    cfg = dataclasses.replace(run.cfg, run_name="stale_sentences")
+    stale = dataclasses.replace(run, cfg=cfg, state=TrainState(ret_step=1), log=None,
+                                sentence_cache=SentenceCache(run.passage_encoder, version=0,
+                                                             stored=run.pindex.sentence_store()))
+    save_final(stale)
+    stage3 = np.load(run.cfg.paths.index / "sentences.npy")
+    final = PassageIndex.load(cfg.paths.final_index, run.cfg.paths.passages).sentences.vectors
+    assert final.shape == stage3.shape and not np.array_equal(final, stage3)
+    first = passage_sentences(read_passages(run.cfg.paths.passages)[0]["text"])
+    fresh = embed_texts(load_retriever(str(cfg.paths.final_retriever), "cpu"), first, show_progress=False)
+    assert np.all(np.sum(final[:len(first)].astype(np.float32) * fresh, axis=1) > 0.99)
+
+
 def test_training_with_retrieved_refresh_logs_it_and_checkpoints_the_vectors(trained):
     """A real run (retriever phase, then generator): the refresh row, and the checkpoint a resume starts from."""
     import subprocess

@@ -638,13 +638,13 @@ def test_eager_attention_follows_the_sdpa_curve(stages, tmp_path):
     assert b == pytest.approx(a, rel=1e-4)
     wa, wb = (load_file(runs[c] / "final" / "generator" / "model.safetensors") for c in ("sdpa", "auto"))
     assert max(float((wb[k] - wa[k]).abs().max()) for k in wa) < 1e-4
-    assert "eager" not in (runs["auto"] / "final" / "generator" / "config.json").read_text()
 
 
-def test_only_generator_steps_run_the_training_attention(stages):
+def test_only_generator_steps_run_the_training_attention(stages, tmp_path):
     """train_attention covers the generator's own steps: the forwards without a backward through it (the
     retriever phase's candidate scores, val_loss, the validation answers) run the attention it was loaded with
-    (sdpa), which answers faster on a CPU; training ends under that one."""
+    (sdpa), which answers faster on a CPU; training ends under that one, and no saved config keeps eager."""
+    from cozyrag_lib.lora import save_generator
     from cozyrag_lib.train_setup import setup_run
 
     new_run(stages, "attention_phases")
@@ -665,6 +665,10 @@ def test_only_generator_steps_run_the_training_attention(stages):
     assert sum(grad for grad, _ in seen) == 2  # the generator phase's two steps
     assert len(seen) > 10  # evaluations, answers and the retriever phase's scores
     assert run.generator.config._attn_implementation == "sdpa"
+    # a checkpoint mid generator phase saves the generator under eager: its config.json must not keep that
+    run.use_attention(training=True)
+    save_generator(run.generator, run.tokenizer, tmp_path, cfg)
+    assert "eager" not in (tmp_path / "config.json").read_text()
 
 
 def test_training_attention_is_eager_on_cpus_and_fused_on_gpus():

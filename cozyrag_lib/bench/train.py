@@ -26,7 +26,6 @@ import copy
 import dataclasses
 from typing import Any
 
-import numpy as np
 import torch
 from tqdm import tqdm  # text bars: they also stream through papermill, where widget bars stay invisible
 
@@ -35,7 +34,7 @@ from ..config import coerce, read_preset
 from ..errors import CozyError
 from ..index import PassageIndex
 from ..models import TINY_GENERATOR, load_generator, load_retriever, resolve_generator_path, training_attention
-from ..train_data import PhaseBatches, load_train_items, prepare_phase
+from ..train_data import PhaseBatches, item_lengths, load_train_items, prepare_phase
 from ..train_setup import make_run, trains_bf16_weights
 from ..train_state import Run, TrainState
 from ..train_steps import generator_loss, get_batch, optimizer_step
@@ -112,8 +111,7 @@ def step_rows(items: list[dict], cfg, n: int) -> list[list[int]]:
     """Item rows of the first `n` batches of a generator phase (length-bucketed like training; epochs as needed)."""
     if len(items) < cfg.batch_size:
         raise CozyError(f"bench train: {len(items)} training QA pairs are fewer than one batch of {cfg.batch_size}")
-    lengths = np.array([len(it["question"]) + len(it["answers"][0]) for it in items])
-    batches = PhaseBatches(lengths, cfg.batch_size, 1, cfg.seed, 0)
+    batches = PhaseBatches(item_lengths(items), cfg.batch_size, 1, cfg.seed, 0)
     out, epoch = [], 0
     while len(out) < n:
         batches.set_epoch(epoch)
