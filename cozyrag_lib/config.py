@@ -105,6 +105,7 @@ class Config:
     train_max_sentences: int = 10  # context sentences kept in training
     answer_max_sentences: int = 8  # context sentences kept when answering
     context_tokens: int = 128  # context token budget
+    context_order: str = "relevance"  # the kept sentences best first, or "passage": in retrieval then reading order
     prompt_template: str = "Q: {question}\nContext:\n{context}\nA: "  # "chat" uses the tokenizer's chat template
     ngram_repeat_n: int = 3  # n of the n-gram repeat penalty
     ngram_repeat_weight: float = 0.1  # weight of the n-gram repeat penalty
@@ -263,6 +264,8 @@ def validate(cfg: Config) -> Config:
     check_index_factory(cfg.index_factory)
     if cfg.retriever_loss not in ("lm_supervised", "contrastive"):
         raise CozyError(f"config: retriever_loss must be lm_supervised or contrastive, got {cfg.retriever_loss!r}")
+    if cfg.context_order not in ("relevance", "passage"):
+        raise CozyError(f"config: context_order must be relevance or passage, got {cfg.context_order!r}")
     if cfg.retrieval not in ("dense", "bm25", "hybrid"):
         raise CozyError(f"config: retrieval must be dense, bm25 or hybrid, got {cfg.retrieval!r}")
     if cfg.refresh not in ("full", "retrieved", "none"):

@@ -34,7 +34,7 @@ from .jsonio import read_json
 from .models import autocast, holds_generator, load_generator, load_retriever, use_bf16, use_int8
 from .paths import RunPaths
 from .quantize import quantize_int8
-from .retrieval import CHAT, SentenceCache, format_prompt, rank_sentences, retrieve, truncate_tokens
+from .retrieval import CHAT, SentenceCache, fit_context, format_prompt, rank_sentences, retrieve
 
 MODES = ("rag", "closed", "oracle")
 
@@ -186,9 +186,12 @@ class RAG:
                                                                            self.sentences.batch_size)
                 cache.add([p for row in hits for p in row])
                 for i, row in enumerate(hits):
-                    ranked = rank_sentences(q_emb[i], [p["id"] for p in row], cache, cfg.answer_max_sentences)
-                    prompted[i] = truncate_tokens(self.tokenizer, " ".join(ranked), cfg.context_tokens)
-                    sentence_lists[i] = [s for s in ranked if s in prompted[i]] or ([prompted[i]] if prompted[i] else [])
+                    pids = [p["id"] for p in row]
+                    ranked = rank_sentences(q_emb[i], pids, cache, cfg.answer_max_sentences)
+                    prompted[i] = fit_context(self.tokenizer, ranked, cfg.context_tokens,
+                                              cache.reading_order(pids) if cfg.context_order == "passage" else None)
+                    sentence_lists[i] = (sorted((s for s in ranked if s in prompted[i]), key=prompted[i].find)
+                                         or ([prompted[i]] if prompted[i] else []))  # in the prompt's order
         t2 = time.perf_counter()
         prompts = [format_prompt(self.tokenizer, q, c, cfg.prompt_template) for q, c in zip(questions, prompted)]
         answers = generate_answers(self.generator, self.tokenizer, prompts, cfg.max_new_tokens, max(n, 1),

@@ -146,6 +146,10 @@ class SentenceCache:
             self.sentences[p["id"]], self.embeddings[p["id"]] = sents, emb[start:start + len(sents)]
             start += len(sents)
 
+    def reading_order(self, passage_ids: Sequence[str]) -> list[str]:
+        """The sentences of the passages (added before), passage by passage in the given order."""
+        return [s for pid in passage_ids for s in self.sentences[pid]]
+
 
 def truncate_tokens(tokenizer, text: str, max_tokens: int) -> str:
     """`text` cut to at most `max_tokens` tokens of `tokenizer` (decode, then re-check: BPE may re-merge).
@@ -185,9 +189,38 @@ def rank_sentences(q_emb: np.ndarray, passage_ids: Sequence[str], cache: Sentenc
     return out
 
 
+def fit_context(tokenizer, ranked: list[str], context_tokens: int, reading: list[str] | None = None) -> str:
+    """The context: `ranked` sentences (best first) joined and cut to `context_tokens`, so the best survive the
+    cut. With `reading` (every sentence of the retrieved passages, in retrieval then reading order) the
+    sentences that survived (the cut one as far as it got) are put in that order: the top passage leads and
+    a sentence keeps its place after the one it follows ("It ..." after its subject).
+
+    >>> fit_context(tok, ["It has 26 members.", "The club is in Oslo."], 128,
+    ...             ["The club is in Oslo.", "It has 26 members."])   # doctest: +SKIP
+    'The club is in Oslo. It has 26 members.'
+    """
+    text = truncate_tokens(tokenizer, " ".join(ranked), context_tokens)
+    if reading is None:
+        return text
+    kept, rest = [], text
+    for s in ranked:  # the sentences in `text`: whole, then the one the cut went through
+        if not rest:
+            break
+        piece = s if rest.startswith(s) else rest
+        kept.append((s, piece))
+        rest = rest[len(piece):].lstrip()
+    where = {}
+    for i, s in enumerate(reading):
+        where.setdefault(s, i)
+    kept.sort(key=lambda sp: where.get(sp[0], len(reading)))
+    return truncate_tokens(tokenizer, " ".join(piece for _, piece in kept), context_tokens)
+
+
 def build_contexts(q_emb: np.ndarray, ids: np.ndarray, passages: Sequence[dict], cache: SentenceCache, tokenizer,
-                   max_sentences: int, context_tokens: int) -> list[str]:
-    """One context per question from its retrieved passages: best sentences first, cut to `context_tokens`.
+                   max_sentences: int, context_tokens: int, order: str = "relevance") -> list[str]:
+    """One context per question from its retrieved passages: the `max_sentences` sentences most similar to the
+    question, as many as fit `context_tokens`, best first (`order` "relevance") or in the passages' order
+    ("passage"; `fit_context`).
 
     Args:
         q_emb: (n, d) unit question embeddings (from `retrieve`).
@@ -196,10 +229,10 @@ def build_contexts(q_emb: np.ndarray, ids: np.ndarray, passages: Sequence[dict],
         cache: sentence embeddings per passage id (filled here for the passages not seen yet).
         tokenizer: the generator's tokenizer; the budget is in its tokens.
     """
-    rows = [[passages[j] for j in row if j >= 0] for row in ids]
-    cache.add([p for row in rows for p in row])
-    return [truncate_tokens(tokenizer, " ".join(rank_sentences(q, [p["id"] for p in row], cache, max_sentences)),
-                            context_tokens)
+    rows = [[passages[j]["id"] for j in row if j >= 0] for row in ids]
+    cache.add([passages[j] for row in ids for j in row if j >= 0])
+    return [fit_context(tokenizer, rank_sentences(q, row, cache, max_sentences), context_tokens,
+                        cache.reading_order(row) if order == "passage" else None)
             for q, row in zip(q_emb, rows)]
 
 

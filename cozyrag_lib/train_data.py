@@ -198,7 +198,7 @@ def contexts_for(run: Run, items: list[dict], max_sentences: int, mode: str | No
                     q_emb, _, ids = retrieve(run.retriever, run.pindex, [it["question"] for it in part], cfg.top_k,
                                              cfg.embed_batch_size, mode=mode)
                     ctx = build_contexts(q_emb, ids, run.pindex.passages, sentence_cache(run), run.tokenizer,
-                                         max_sentences, cfg.context_tokens)
+                                         max_sentences, cfg.context_tokens, cfg.context_order)
                 out.update({it["id"]: c for it, c in zip(part, ctx)})
             return out
 

@@ -145,7 +145,7 @@ def answer_val_questions(run: Run) -> list[dict]:
     with run.autocast():
         q_emb, _, ids = retrieve(run.retriever, run.pindex, cfg.val_questions, cfg.top_k, cfg.embed_batch_size)
         contexts = build_contexts(q_emb, ids, run.pindex.passages, sentence_cache(run), run.tokenizer,
-                                  cfg.answer_max_sentences, cfg.context_tokens)
+                                  cfg.answer_max_sentences, cfg.context_tokens, cfg.context_order)
         prompts = [format_prompt(run.tokenizer, q, c, cfg.prompt_template) for q, c in zip(cfg.val_questions, contexts)]
         answers = generate_answers(run.generator, run.tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size,
                                    cfg.do_sample, cfg.temperature, cfg.sample_top_k, cfg.top_p,

@@ -73,7 +73,7 @@ def test_bf16_precision_answers_with_bf16_generator_weights(tiny_run, base_rag):
     assert isinstance(out["answer"], str) and out["passages"][0]["title"] == "Abraham Lincoln"
 
 
-def test_closed_and_oracle_modes(base_rag):
+def test_closed_and_oracle_modes(base_rag, monkeypatch):
     closed = base_rag.answer("Who was Ada Lovelace?", mode="closed")
     assert closed["passages"] == [] and closed["context"] == ""
     gold = "Ada Lovelace was an English mathematician. She wrote the first program. Cats are mammals."
@@ -83,6 +83,10 @@ def test_closed_and_oracle_modes(base_rag):
     other = base_rag.answer("Who wrote the first program?", mode="oracle", context="Grace Hopper wrote a compiler.")
     assert other["context_sentences"] == ["Grace Hopper wrote a compiler."]
     assert not any(k.startswith("gold-") for k in base_rag.sentences.sentences)
+    # context_order "passage": the same sentences in the passage's own order
+    monkeypatch.setattr(base_rag.cfg, "context_order", "passage")
+    read = base_rag.answer("Who wrote the first program?", mode="oracle", context=gold)
+    assert read["context"] == gold and read["context_sentences"] == gold.replace(". ", ".|").split("|")
     with pytest.raises(CozyError):
         base_rag.answer_batch(["x?"], mode="oracle")  # oracle needs contexts
     with pytest.raises(CozyError):

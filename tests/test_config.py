@@ -130,6 +130,7 @@ def test_wrong_types_are_errors(key, value):
     ("device", "tpu", "device must be auto, cpu or cuda"),
     ("phases", ["generator", "critic"], "phases may hold only"),
     ("phases", [], "phases is empty"),
+    ("context_order", "random", "context_order must be relevance or passage"),
     ("run_name", "a/b", "run_name must be a plain folder name"),
     ("run_name", "..", "run_name must be a plain folder name"),
 ])

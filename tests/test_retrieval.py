@@ -11,7 +11,8 @@ from cozyrag_lib.embedding import embed_texts, passage_texts
 
 from cozyrag_lib.index import PassageIndex, make_faiss_index
 from cozyrag_lib.retrieval import (DEFAULT_TEMPLATE, SentenceCache, SentenceVectors, build_contexts, collate, encode_example,
-                                   format_prompt, gold_passages, rank_sentences, retrieve, truncate_tokens, words_before)
+                                   fit_context, format_prompt, gold_passages, rank_sentences, retrieve, truncate_tokens,
+                                   words_before)
 
 PASSAGES = [
     {"id": "p0", "title": "Paris", "text": "Paris is the capital of France. It hosts the Louvre museum. "
@@ -63,6 +64,32 @@ def test_build_contexts_respects_the_token_budget(retriever, pindex, tok):
         [ctx] = build_contexts(q_emb, ids, PASSAGES, SentenceCache(retriever), tok, max_sentences=10, context_tokens=budget)
         n = len(tok(ctx, add_special_tokens=False)["input_ids"])
         assert 0 < n <= budget
+
+
+def test_passage_order_keeps_the_kept_sentences_in_reading_order(retriever, pindex, tok):
+    """context_order "passage": the same sentences as "relevance" (the best ones that fit the budget), put in
+    retrieval then reading order, so a pronoun follows its subject."""
+    q_emb, _, ids = retrieve(retriever, pindex, ["Which river flows through Paris?"], k=2)
+    cache = SentenceCache(retriever)
+    [best] = build_contexts(q_emb, ids, PASSAGES, cache, tok, max_sentences=2, context_tokens=100)
+    [read] = build_contexts(q_emb, ids, PASSAGES, cache, tok, max_sentences=2, context_tokens=100, order="passage")
+    assert best == "The Seine flows through Paris. Paris is the capital of France."  # best first
+    assert read == "Paris is the capital of France. The Seine flows through Paris."  # Paris's passage, in its order
+    # the budget chooses by relevance first: the best sentence survives a cut that the passage order would make
+    budget = len(tok("The Seine flows through Paris.", add_special_tokens=False)["input_ids"])
+    [cut] = build_contexts(q_emb, ids, PASSAGES, cache, tok, max_sentences=3, context_tokens=budget, order="passage")
+    assert cut == "The Seine flows through Paris."
+
+
+def test_fit_context_puts_the_cut_sentence_where_it_stood(tok):
+    ranked = ["The Seine flows through Paris.", "Paris is the capital of France.", "It hosts the Louvre museum."]
+    reading = ["Paris is the capital of France.", "It hosts the Louvre museum.", "The Seine flows through Paris."]
+    assert fit_context(tok, ranked, 100) == " ".join(ranked)
+    assert fit_context(tok, ranked, 100, reading) == " ".join(reading)
+    n = len(tok(" ".join(ranked[:2]) + " It hosts", add_special_tokens=False)["input_ids"])
+    cut = fit_context(tok, ranked, n, reading)  # the third sentence cut after "It hosts"
+    assert cut.startswith("Paris is the capital of France. It hosts") and cut.endswith("The Seine flows through Paris.")
+    assert "Louvre" not in cut and len(tok(cut, add_special_tokens=False)["input_ids"]) <= n
 
 
 def test_sentence_cache_encodes_each_passage_once(retriever, pindex, tok):
