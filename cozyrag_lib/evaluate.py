@@ -223,7 +223,7 @@ def cli(argv: list[str]) -> int:
         items, _ = load_qa_file(opts["qa"], opts["format"])
     items = items[:opts["limit"]] if opts["limit"] else items
     rag = RAG.load(run_spec(run_dir, base), corpus=opts["corpus"], **load_kw)
-    summary, preds = evaluate(rag, items, opts["mode"])
+    summary, preds = evaluate(rag, items, opts["mode"], batch_size=rag.cfg.eval_batch_size)
     how = opts["mode"] + (f"-{rag.cfg.retrieval}" if opts["mode"] == "rag" and rag.cfg.retrieval != "dense" else "")
     name = re.sub(r"[^\w.-]+", "-", Path(opts["qa"]).stem)  # hf:org/name::split -> name-split
     out = Path(opts["out"]) if opts["out"] else run_dir / "eval" / f"{'base-' if base else ''}{how}-{name}.json"

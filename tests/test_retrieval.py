@@ -218,7 +218,7 @@ def test_contexts_are_cached_per_retriever_and_index_version(retriever, pindex, 
         def autocast(self):
             return torch.autocast("cpu", enabled=False)
 
-    cfg = types.SimpleNamespace(top_k=2, embed_batch_size=8, context_tokens=32, query_only=False)
+    cfg = types.SimpleNamespace(top_k=2, embed_batch_size=8, context_tokens=32, context_order="relevance", query_only=False)
     state = {"retriever_version": 0, "index_version": 0}
     run = FakeRun(cfg=cfg, retriever=retriever, pindex=pindex, tokenizer=tok, context_cache={},
                   sentence_cache=SentenceCache(retriever), state=state)
