@@ -56,6 +56,16 @@ def test_matmul_peak_is_a_rate():
     assert positive(matmul_peak(torch.device("cpu"), torch.float32, n=128, repeats=2))
 
 
+@pytest.mark.parametrize("budget_s, largest", [(0.0, 256), (1e9, 2048)])
+def test_matmul_peak_sizes_its_products_to_the_time_they_take(monkeypatch, budget_s, largest):
+    """On CPU the product grows from 256 while the next size fits the budget, up to 2048: an emulated dtype
+    (bf16 without AMX or AVX512-BF16, ~1 GFLOP/s) stops small instead of taking minutes."""
+    sizes, matmul = [], torch.matmul
+    monkeypatch.setattr(torch, "matmul", lambda a, b: sizes.append(a.shape[0]) or matmul(a, b))
+    assert positive(matmul_peak(torch.device("cpu"), torch.float32, repeats=1, budget_s=budget_s))
+    assert sizes[0] == 256 and max(sizes) == sizes[-1] == largest
+
+
 def test_original_settings_come_from_the_original_preset():
     """The original's training settings as `bench train` applies them (presets/original.toml; grad_accum,
     which the preset leaves to the default, pinned at 1)."""

@@ -64,23 +64,39 @@ class Stopwatch:
         return sum(self.seconds.values())
 
 
-def matmul_peak(device, dtype, n: int | None = None, repeats: int = 5) -> float:
+def matmul_peak(device, dtype, n: int | None = None, repeats: int = 5, budget_s: float = 0.25) -> float:
     """FLOP/s of the fastest of `repeats` (n, n) @ (n, n) matmuls in `dtype`: the machine's practical peak.
 
-    n defaults to 2048 on CPU (large enough for full speed, a tenth of a second each) and 8192 on GPU.
+    n defaults to 8192 on GPU. On CPU it grows from 256 by doubling, up to 2048, while the next size's
+    product would still take under `budget_s` (8 times this one's): full size where the dtype has hardware
+    (bf16 with AMX), a few hundred where it is emulated (bf16 on an AVX2-only CPU runs ~1 GFLOP/s, where a
+    2048 product would take half a minute).
     """
-    n = n or (8192 if device.type == "cuda" else 2048)
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
     watch = Stopwatch(device)
-    torch.matmul(a, b)  # warm-up: thread pool, kernel choice
-    best = math.inf
-    for _ in range(repeats):
+
+    def one(a, b) -> float:
         watch.sync()
         t0 = time.perf_counter()
         torch.matmul(a, b)
         watch.sync()
-        best = min(best, time.perf_counter() - t0)
+        return time.perf_counter() - t0
+
+    def operands(size: int):
+        return (torch.randn(size, size, device=device).to(dtype), torch.randn(size, size, device=device).to(dtype))
+
+    if n is None and device.type == "cuda":
+        n = 8192
+    if n is None:
+        n = 256
+        a, b = operands(n)
+        torch.matmul(a, b)  # warm-up: thread pool, kernel choice
+        while n < 2048 and 8 * one(a, b) < budget_s:
+            n *= 2
+            a, b = operands(n)
+    else:
+        a, b = operands(n)
+    torch.matmul(a, b)  # warm-up at the final size
+    best = min(one(a, b) for _ in range(repeats))
     return 2 * n ** 3 / best
 
 
