@@ -14,7 +14,7 @@ from cozyrag_lib.bench.per_sample import PerSampleStep
 from cozyrag_lib.bench.scale import scale_vectors
 from cozyrag_lib.bench.train import original_settings
 from cozyrag_lib.errors import CozyError
-from cozyrag_lib.models import use_bf16
+from cozyrag_lib.models import use_int8
 
 
 def run_bench(capsys, *args: str) -> dict:
@@ -153,9 +153,9 @@ def test_bench_ask_reports_latency_percentiles(tiny_run, capsys):
     for key in ("p50_s", "p95_s", "mean_s", "retrieve_s", "context_s", "generate_s"):
         assert positive(r[key]), key
     assert r["p50_s"] <= r["p95_s"] and r["retrieve_s"] + r["context_s"] + r["generate_s"] <= r["mean_s"] * 1.05
-    # the run's path (answer_quantization auto: int8 on a CPU fast at bf16, the int8 kernel's activations; fp32
-    # weights on one without AMX or AVX512-BF16) beside the unquantised reference, in turn
-    ours = "int8" if use_bf16("auto", torch.device("cpu")) else "float32"
+    # the run's path (answer_quantization auto: int8 on a CPU fast at bf16, fp32 elsewhere) beside the unquantised
+    # reference, in turn
+    ours = "int8" if use_int8("auto", torch.device("cpu")) else "float32"
     assert (r["generator_weights"], r["reference_generator_weights"]) == (ours, "float32")
     assert (r["prompt_lookup"], r["reference_prompt_lookup"]) == (3, 0)  # prompt lookup: ours only
     assert (r["sentence_vectors"], r["reference_sentence_vectors"]) == (True, False)  # stored vectors: ours only

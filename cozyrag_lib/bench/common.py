@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import sys
 import tempfile
 import time
@@ -84,18 +83,14 @@ def matmul_peak(device, dtype, n: int | None = None, repeats: int = 5, budget_s:
     def operands(size: int):
         return (torch.randn(size, size, device=device).to(dtype), torch.randn(size, size, device=device).to(dtype))
 
-    if n is None and device.type == "cuda":
-        n = 8192
-    if n is None:
-        n = 256
+    grow = n is None and device.type != "cuda"
+    n = n or (8192 if device.type == "cuda" else 256)
+    a, b = operands(n)
+    torch.matmul(a, b)  # warm-up: thread pool, kernel choice
+    while grow and n < 2048 and 8 * one(a, b) < budget_s:
+        n *= 2
         a, b = operands(n)
-        torch.matmul(a, b)  # warm-up: thread pool, kernel choice
-        while n < 2048 and 8 * one(a, b) < budget_s:
-            n *= 2
-            a, b = operands(n)
-    else:
-        a, b = operands(n)
-    torch.matmul(a, b)  # warm-up at the final size
+        torch.matmul(a, b)  # warm-up at the new size
     best = min(one(a, b) for _ in range(repeats))
     return 2 * n ** 3 / best
 
