@@ -23,6 +23,9 @@ _LEAD = re.compile(r"^\s*(?:A|Answer)\s*:\s*", re.IGNORECASE)
 # The end of a first sentence once a second one has begun: ".", "!" or "?" after two lower-case letters or
 # digits (so "U.S." and "Dr." do not end one), maybe a closing quote or bracket, then space and more text.
 _SENTENCE_END = re.compile(r"(?<=[a-z0-9%]{2})[.!?][\"')\]]?(?=\s+\S)")
+# A small model's degenerate loop: one to three words said four or more times in a row ("Carl Gustav Jacob Jacob
+# Jacob Jacob ..."). Three times stays an answer ("Tora! Tora! Tora!"); four is a loop, cut after its first copy.
+_LOOP = re.compile(r"(?<!\S)(\S+(?:\s+\S+){0,2}?)(?:\s+\1(?!\S)){3,}")
 
 
 def first_sentence(text: str) -> str:
@@ -46,6 +49,8 @@ def postprocess_answer(text: str, prompt: str | None = None) -> str:
     'German physicist extra'
     >>> postprocess_answer("Vitamin A: a nutrient")   # a label inside the answer is kept
     'Vitamin A: a nutrient'
+    >>> postprocess_answer("Carl Gustav Jacob Jacob Jacob Jacob Jacob")   # a loop ends after its first copy
+    'Carl Gustav Jacob'
     """
     text = _SPECIAL.sub("", text)
     if prompt and text.startswith(prompt):  # a model that echoes its whole prompt
@@ -55,19 +60,24 @@ def postprocess_answer(text: str, prompt: str | None = None) -> str:
         text = parts[-1] if len(parts) > 1 else ""
     text = _LEAD.sub("", text.lstrip())
     text = _RUN_ON.split(text, maxsplit=1)[0]
+    loop = _LOOP.search(text)
+    if loop:
+        text = text[:loop.end(1)]
     return " ".join(text.split())
 
 
 class _StopAtNewline:
     """Stopping criterion: a row is done once its generated text has a newline after some content (with
-    `sentence`, also once a second sentence has begun)."""
+    `sentence`, also once a second sentence has begun; with `loops`, also once it repeats itself, see _LOOP:
+    the rest of its tokens would be cut anyway)."""
 
-    def __init__(self, tokenizer, prompt_len: int, sentence: bool = False):
-        self.tokenizer, self.prompt_len, self.sentence = tokenizer, prompt_len, sentence
+    def __init__(self, tokenizer, prompt_len: int, sentence: bool = False, loops: bool = True):
+        self.tokenizer, self.prompt_len, self.sentence, self.loops = tokenizer, prompt_len, sentence, loops
 
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
         new = self.tokenizer.batch_decode(input_ids[:, self.prompt_len:], skip_special_tokens=True)  # (B,) so far
-        done = ["\n" in t.lstrip() or (self.sentence and _SENTENCE_END.search(t) is not None) for t in new]
+        done = ["\n" in t.lstrip() or (self.sentence and _SENTENCE_END.search(t) is not None)
+                or (self.loops and _LOOP.search(t) is not None) for t in new]
         return torch.tensor(done, device=input_ids.device)
 
 
@@ -75,7 +85,7 @@ class _StopAtNewline:
 def generate_answers(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 48, batch_size: int = 8,
                      do_sample: bool = False, temperature: float = 0.6, top_k: int = 70, top_p: float = 0.95,
                      add_special_tokens: bool = True, seed: int | None = None, one_sentence: bool = False,
-                     prompt_lookup: int = 0) -> list[str]:
+                     prompt_lookup: int = 0, stop_loops: bool = True) -> list[str]:
     """Answers for `prompts`, generated `batch_size` at a time (greedy unless do_sample), cleaned.
 
     Prompts are left-padded so every row's new tokens start at the same column. A row stops at EOS
@@ -91,6 +101,9 @@ def generate_answers(model, tokenizer, prompts: Sequence[str], max_new_tokens: i
     Extractive answers copy the context, so most drafts are kept and an answer takes fewer passes; the
     tokens are greedy decoding's, up to rounding (bf16 sums over several rows are not bit-identical to one).
     transformers drafts for one row at a time only, so batches decode token by token.
+    A row that falls into a loop (a few words said four times in a row) stops there and its answer keeps one
+    copy ("Carl Gustav Jacob Jacob Jacob Jacob" -> "Carl Gustav Jacob"); stop_loops=False lets it run on to
+    max_new_tokens (the answer is cut the same way).
     """
     from transformers import StoppingCriteriaList
 
@@ -117,7 +130,7 @@ def generate_answers(model, tokenizer, prompts: Sequence[str], max_new_tokens: i
                     sampling["prompt_lookup_num_tokens"] = prompt_lookup
                 gen = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                                      eos_token_id=tokenizer.eos_token_id,
-                                     stopping_criteria=StoppingCriteriaList([_StopAtNewline(tokenizer, width, one_sentence)]),
+                                     stopping_criteria=StoppingCriteriaList([_StopAtNewline(tokenizer, width, one_sentence, stop_loops)]),
                                      **sampling)
                 texts = tokenizer.batch_decode(gen[:, width:], skip_special_tokens=True)  # (B,) new tokens only
                 out += [first_sentence(postprocess_answer(t)) if one_sentence else postprocess_answer(t) for t in texts]

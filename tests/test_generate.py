@@ -20,6 +20,12 @@ from cozyrag_lib.generate import _StopAtNewline, first_sentence, generate_answer
     ("299,792,458 m/s", "299,792,458 m/s"),
     ("German-born   theoretical physicist", "German-born theoretical physicist"),
     ("QA: quality assurance", "QA: quality assurance"),  # "Q" inside a word is not a label
+    # a degenerate loop (the demo's answer to "Which German mathematician lived from 1805 to 1859?") keeps one copy
+    ("Carl Gustav Jacob" + " Jacob" * 45, "Carl Gustav Jacob"),
+    ("the river the river the river the river flows", "the river"),  # a loop of two words, and what follows it
+    ("Tora! Tora! Tora!", "Tora! Tora! Tora!"),  # three times is a title, not a loop
+    ("Walla Walla, Washington", "Walla Walla, Washington"),
+    ("1, 1, 2, 3, 5, 8", "1, 1, 2, 3, 5, 8"),
 ])
 def test_postprocess_answer(raw, want):
     assert postprocess_answer(raw) == want
@@ -65,6 +71,13 @@ class _Words:
         return ["".join({0: "Paris", 1: " is", 2: ".", 3: " It"}[int(i)] for i in row) for row in rows]
 
 
+def test_stop_at_a_loop_unless_told_not_to():
+    rows = torch.tensor([[0, 3, 3, 3, 3],   # "Paris It It It It": a loop
+                         [0, 3, 3, 3, 1]])  # "Paris It It It is": three times, not yet
+    assert _StopAtNewline(_Words(), 0)(rows, None).tolist() == [True, False]
+    assert _StopAtNewline(_Words(), 0, loops=False)(rows, None).tolist() == [False, False]
+
+
 def test_stop_at_the_first_sentence_only_when_asked():
     rows = torch.tensor([[0, 1, 2, 3],   # "Paris is. It": a second sentence began
                          [0, 1, 2, 2]])  # "Paris is..": not yet
@@ -87,20 +100,31 @@ def _answers_and_passes(model, tok, prompts, batch_size, **kw):
 
 
 def test_prompt_lookup_gives_the_greedy_answer_in_fewer_passes(tiny_generator):
-    """The random tiny GPT-2 answers in loops ("ss ss ss ..."): drafts copied from what is already there are
-    accepted, so the 24 tokens take fewer forward passes than 24, and the answer is greedy decoding's."""
+    """The random tiny GPT-2 answers in loops ("ss ss ss ..."), left to run here (stop_loops=False): drafts copied
+    from what is already there are accepted, so the 24 tokens take fewer forward passes than 24, and the answer
+    is greedy decoding's."""
     model, tok = tiny_generator
     for prompt in _PROMPTS:
-        plain, plain_passes = _answers_and_passes(model, tok, [prompt], 1)
-        drafted, drafted_passes = _answers_and_passes(model, tok, [prompt], 1, prompt_lookup=7)
-        assert drafted == plain and len(tok(plain[0])["input_ids"]) >= 20
+        plain, plain_passes = _answers_and_passes(model, tok, [prompt], 1, stop_loops=False)
+        drafted, drafted_passes = _answers_and_passes(model, tok, [prompt], 1, prompt_lookup=7, stop_loops=False)
+        assert drafted == plain and plain[0]
         assert plain_passes == 24 and drafted_passes < plain_passes / 2
+
+
+def test_a_looping_answer_stops_early_and_keeps_one_copy(tiny_generator):
+    model, tok = tiny_generator
+    for prompt in _PROMPTS:
+        ran_on, ran_on_passes = _answers_and_passes(model, tok, [prompt], 1, stop_loops=False)
+        stopped, stopped_passes = _answers_and_passes(model, tok, [prompt], 1)
+        assert stopped == ran_on and stopped[0]  # the same answer: the loop is cut either way
+        assert ran_on_passes == 24 and stopped_passes < 24
 
 
 def test_prompt_lookup_leaves_batches_and_sampling_token_by_token(tiny_generator):
     model, tok = tiny_generator
-    plain, plain_passes = _answers_and_passes(model, tok, _PROMPTS, 2)
-    drafted, drafted_passes = _answers_and_passes(model, tok, _PROMPTS, 2, prompt_lookup=7)
+    plain, plain_passes = _answers_and_passes(model, tok, _PROMPTS, 2, stop_loops=False)
+    drafted, drafted_passes = _answers_and_passes(model, tok, _PROMPTS, 2, prompt_lookup=7, stop_loops=False)
     assert drafted == plain and drafted_passes == plain_passes == 24  # two rows: transformers drafts for one only
-    sampled = [_answers_and_passes(model, tok, _PROMPTS[:1], 1, prompt_lookup=n, do_sample=True, seed=1) for n in (0, 7)]
+    sampled = [_answers_and_passes(model, tok, _PROMPTS[:1], 1, prompt_lookup=n, do_sample=True, seed=1, stop_loops=False)
+               for n in (0, 7)]
     assert sampled[1] == sampled[0]  # sampling is not drafted: the same sample in the same number of passes
