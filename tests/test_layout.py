@@ -128,3 +128,32 @@ def test_import_graph_is_one_way_and_at_module_top():
             # function-level imports of our own modules only where a cycle or the light CLI needs them
             assert not inner or path.name in ("config.py", "cli.py"), \
                 f"{path.relative_to(LIB)} imports {target} inside a function"
+
+
+def test_environment_yml_asks_at_least_what_pyproject_requires():
+    """environment.yml installs the project with `pip install --no-deps -e .`, so pyproject's floors are never
+    checked in a conda environment: its own must not be lower (they drifted once: pytorch>=2.2 against torch>=2.4)."""
+    import re
+    import tomllib
+
+    import yaml
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    root = LIB.parent
+    floors = {}
+    for spec in tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]:
+        req = Requirement(spec)
+        floors[req.name.lower()] = [Version(s.version) for s in req.specifier if s.operator == ">="]
+    deps = yaml.safe_load((root / "environment.yml").read_text())["dependencies"]
+    conda = [d for d in deps if isinstance(d, str)] + [p for d in deps if isinstance(d, dict) for p in d.get("pip", [])]
+    checked = 0
+    for spec in conda:
+        if re.fullmatch(r"[\w.-]+=[\d.]+", spec):  # a conda pin ("python=3.11"), not a requirement
+            continue
+        req = Requirement("torch" + spec[len("pytorch"):] if spec.startswith("pytorch") else spec)  # conda's name
+        env_floor = [Version(s.version) for s in req.specifier if s.operator == ">="]
+        if floors.get(req.name.lower()):
+            assert env_floor and env_floor[0] >= floors[req.name.lower()][0], (spec, floors[req.name.lower()])
+            checked += 1
+    assert checked >= 6  # torch, transformers, sentence-transformers, faiss-cpu, datasets, bm25s, ...
