@@ -58,7 +58,7 @@ COMMANDS: dict[str, tuple[str, dict[str, tuple[Any, Any, str]]]] = {
                      "run": (str, None, RUN_HELP),
                      "qa": (str, REQUIRED, "QA file or table in any format prepare-qa reads (e.g. RUN/qa/test.jsonl, "
                                          "test.parquet, hf:rajpurkar/squad::validation)"),
-                     "format": (str, "auto", "QA file format: auto, squad, qabot, tsv or jsonl"),
+                     "format": (str, "auto", "QA file format: auto, squad, qabot, tsv or jsonl (or the config key --qa_format)"),
                      "corpus": (str, None, "passages JSONL to search instead of the run's index"),
                      "mode": (("rag", "closed", "oracle"), "rag", "rag retrieves; closed: no context; oracle: the "
                               "item's gold context"),

@@ -216,11 +216,16 @@ def cli(argv: list[str]) -> int:
     opts = parsed.options
     if opts["limit"] < 0:
         raise CozyError(f"evaluate: --limit must not be negative, got {opts['limit']}")
+    fmt = opts["format"]
+    if "qa_format" in parsed.overrides:  # the config key prepare-qa takes names the format here too
+        if "format" in parsed.given and parsed.overrides["qa_format"] != fmt:
+            raise CozyError(f"evaluate: --format={fmt} and --qa_format={parsed.overrides['qa_format']} disagree; give one")
+        fmt = parsed.config().qa_format  # checked like any config value
     run_dir, base, load_kw = locate_run(parsed)  # every value checked before the models load
     if table_kind(opts["qa"]):  # a Parquet/Arrow/CSV file or hf:NAME, columns mapped by --qa_columns
         items, _ = load_qa_table(opts["qa"], parsed.config().qa_columns)
     else:
-        items, _ = load_qa_file(opts["qa"], opts["format"])
+        items, _ = load_qa_file(opts["qa"], fmt)
     items = items[:opts["limit"]] if opts["limit"] else items
     rag = RAG.load(run_spec(run_dir, base), corpus=opts["corpus"], **load_kw)
     summary, preds = evaluate(rag, items, opts["mode"], batch_size=rag.cfg.eval_batch_size)

@@ -286,6 +286,10 @@ CASES = [
          lambda r, t, c: write(t / "dev.json", '{"version": "1.1", "questions": []}'), ["dev.json", "'data' missing"]),
     Case("evaluate-qa-wrong-format", [*EVAL, "--format", "tsv"], nothing,
          ["test.jsonl", "no usable QA pairs in this tsv file"]),
+    Case("evaluate-qa-format-key", [*EVAL, "--qa_format=tsv"], nothing,  # prepare-qa's key is honoured, not ignored
+         ["test.jsonl", "no usable QA pairs in this tsv file"]),
+    Case("evaluate-format-and-key-disagree", [*EVAL, "--format", "tsv", "--qa_format=jsonl"], nothing,
+         ["--format=tsv and --qa_format=jsonl disagree"]),
     Case("evaluate-negative-limit", [*EVAL, "--limit", "-1"], nothing, ["--limit", "must not be negative, got -1"]),
     Case("evaluate-sample-top-k-negative", [*EVAL, "--do_sample", "--sample_top_k=-1"], nothing,
          ["sample_top_k must not be negative (0 = no top-k cut), got -1"]),
