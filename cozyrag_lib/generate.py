@@ -23,9 +23,12 @@ _LEAD = re.compile(r"^\s*(?:A|Answer)\s*:\s*", re.IGNORECASE)
 # The end of a first sentence once a second one has begun: ".", "!" or "?" after two lower-case letters or
 # digits (so "U.S." and "Dr." do not end one), maybe a closing quote or bracket, then space and more text.
 _SENTENCE_END = re.compile(r"(?<=[a-z0-9%]{2})[.!?][\"')\]]?(?=\s+\S)")
-# A small model's degenerate loop: one to three words said four or more times in a row ("Carl Gustav Jacob Jacob
-# Jacob Jacob ..."). Three times stays an answer ("Tora! Tora! Tora!"); four is a loop, cut after its first copy.
-_LOOP = re.compile(r"(?<!\S)(\S+(?:\s+\S+){0,2}?)(?:\s+\1(?!\S)){3,}")
+# A small model's degenerate loop: one to three words, the first with a letter, said four or more times in a row
+# ("Carl Gustav Jacob Jacob Jacob Jacob ..."). Three times stays an answer ("Tora! Tora! Tora!"), and so do numbers
+# ("0, 0, 0, 0, 1"); four is a loop, cut after its first copy. Generation stops at one only once the word after the
+# fourth copy has begun (_LOOP_STOP): "Jacob Jacob Jacob Jacob" may still become "... Jacobi".
+_LOOP = re.compile(r"(?<!\S)((?=\S*[^\W\d_])\S+(?:\s+\S+){0,2}?)(?:\s+\1(?!\S)){3,}")
+_LOOP_STOP = re.compile(_LOOP.pattern + r"(?=\s)")
 
 
 def first_sentence(text: str) -> str:
@@ -59,17 +62,15 @@ def postprocess_answer(text: str, prompt: str | None = None) -> str:
         parts = re.split(r"\b(?:A|Answer)\s*:", text, flags=re.IGNORECASE)
         text = parts[-1] if len(parts) > 1 else ""
     text = _LEAD.sub("", text.lstrip())
-    text = _RUN_ON.split(text, maxsplit=1)[0]
+    text = " ".join(_RUN_ON.split(text, maxsplit=1)[0].split())
     loop = _LOOP.search(text)
-    if loop:
-        text = text[:loop.end(1)]
-    return " ".join(text.split())
+    return text[:loop.end(1)].rstrip(",;:") if loop else text
 
 
 class _StopAtNewline:
     """Stopping criterion: a row is done once its generated text has a newline after some content (with
     `sentence`, also once a second sentence has begun; with `loops`, also once it repeats itself, see _LOOP:
-    the rest of its tokens would be cut anyway)."""
+    `postprocess_answer` cuts the rest anyway)."""
 
     def __init__(self, tokenizer, prompt_len: int, sentence: bool = False, loops: bool = True):
         self.tokenizer, self.prompt_len, self.sentence, self.loops = tokenizer, prompt_len, sentence, loops
@@ -77,7 +78,7 @@ class _StopAtNewline:
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
         new = self.tokenizer.batch_decode(input_ids[:, self.prompt_len:], skip_special_tokens=True)  # (B,) so far
         done = ["\n" in t.lstrip() or (self.sentence and _SENTENCE_END.search(t) is not None)
-                or (self.loops and _LOOP.search(t) is not None) for t in new]
+                or (self.loops and _LOOP_STOP.search(t) is not None) for t in new]
         return torch.tensor(done, device=input_ids.device)
 
 

@@ -26,6 +26,9 @@ from cozyrag_lib.generate import _StopAtNewline, first_sentence, generate_answer
     ("Tora! Tora! Tora!", "Tora! Tora! Tora!"),  # three times is a title, not a loop
     ("Walla Walla, Washington", "Walla Walla, Washington"),
     ("1, 1, 2, 3, 5, 8", "1, 1, 2, 3, 5, 8"),
+    ("0, 0, 0, 0, 1", "0, 0, 0, 0, 1"),  # numbers are never a loop
+    ("Jacob, Jacob, Jacob, Jacob, Jacob", "Jacob"),  # the cut leaves no trailing comma
+    ("the  river the river the river the river", "the river"),  # spacing does not hide a loop
 ])
 def test_postprocess_answer(raw, want):
     assert postprocess_answer(raw) == want
@@ -72,10 +75,11 @@ class _Words:
 
 
 def test_stop_at_a_loop_unless_told_not_to():
-    rows = torch.tensor([[0, 3, 3, 3, 3],   # "Paris It It It It": a loop
-                         [0, 3, 3, 3, 1]])  # "Paris It It It is": three times, not yet
-    assert _StopAtNewline(_Words(), 0)(rows, None).tolist() == [True, False]
-    assert _StopAtNewline(_Words(), 0, loops=False)(rows, None).tolist() == [False, False]
+    rows = torch.tensor([[0, 3, 3, 3, 3, 1],   # "Paris It It It It is": a loop, and a word after it
+                         [0, 3, 3, 3, 1, 1],   # "Paris It It It is is": three times
+                         [0, 1, 3, 3, 3, 3]])  # "Paris is It It It It": the fourth may still grow ("Itself")
+    assert _StopAtNewline(_Words(), 0)(rows, None).tolist() == [True, False, False]
+    assert _StopAtNewline(_Words(), 0, loops=False)(rows, None).tolist() == [False, False, False]
 
 
 def test_stop_at_the_first_sentence_only_when_asked():
@@ -90,13 +94,16 @@ _PROMPTS = ["Q: Who wrote Pride and Prejudice?\nContext: Pride and Prejudice is 
 
 
 def _answers_and_passes(model, tok, prompts, batch_size, **kw):
-    """(answers, forward passes of the model) for one generate_answers call."""
-    passes = []
+    """(answers, forward passes of the model, the token ids it generated, uncleaned) for one generate_answers call."""
+    passes, generated = [], []
     hook = model.register_forward_hook(lambda *_: passes.append(1))
+    model.generate = lambda *a, _real=model.generate, **k: generated.append(_real(*a, **k)) or generated[-1]
     try:
-        return generate_answers(model, tok, prompts, 24, batch_size, **kw), len(passes)
+        answers = generate_answers(model, tok, prompts, 24, batch_size, **kw)
+        return answers, len(passes), [row.tolist() for out in generated for row in out]
     finally:
         hook.remove()
+        del model.generate
 
 
 def test_prompt_lookup_gives_the_greedy_answer_in_fewer_passes(tiny_generator):
@@ -105,26 +112,28 @@ def test_prompt_lookup_gives_the_greedy_answer_in_fewer_passes(tiny_generator):
     is greedy decoding's."""
     model, tok = tiny_generator
     for prompt in _PROMPTS:
-        plain, plain_passes = _answers_and_passes(model, tok, [prompt], 1, stop_loops=False)
-        drafted, drafted_passes = _answers_and_passes(model, tok, [prompt], 1, prompt_lookup=7, stop_loops=False)
-        assert drafted == plain and plain[0]
+        plain, plain_passes, plain_ids = _answers_and_passes(model, tok, [prompt], 1, stop_loops=False)
+        drafted, drafted_passes, drafted_ids = _answers_and_passes(model, tok, [prompt], 1, prompt_lookup=7,
+                                                                   stop_loops=False)
+        assert drafted_ids == plain_ids and drafted == plain  # every token, not only the answer the loop cut leaves
         assert plain_passes == 24 and drafted_passes < plain_passes / 2
 
 
 def test_a_looping_answer_stops_early_and_keeps_one_copy(tiny_generator):
     model, tok = tiny_generator
     for prompt in _PROMPTS:
-        ran_on, ran_on_passes = _answers_and_passes(model, tok, [prompt], 1, stop_loops=False)
-        stopped, stopped_passes = _answers_and_passes(model, tok, [prompt], 1)
+        ran_on, ran_on_passes, ran_on_ids = _answers_and_passes(model, tok, [prompt], 1, stop_loops=False)
+        stopped, stopped_passes, stopped_ids = _answers_and_passes(model, tok, [prompt], 1)
         assert stopped == ran_on and stopped[0]  # the same answer: the loop is cut either way
         assert ran_on_passes == 24 and stopped_passes < 24
+        assert stopped_ids[0] == ran_on_ids[0][:len(stopped_ids[0])]  # greedy's tokens, fewer of them
 
 
 def test_prompt_lookup_leaves_batches_and_sampling_token_by_token(tiny_generator):
     model, tok = tiny_generator
-    plain, plain_passes = _answers_and_passes(model, tok, _PROMPTS, 2, stop_loops=False)
-    drafted, drafted_passes = _answers_and_passes(model, tok, _PROMPTS, 2, prompt_lookup=7, stop_loops=False)
-    assert drafted == plain and drafted_passes == plain_passes == 24  # two rows: transformers drafts for one only
+    plain, plain_passes, plain_ids = _answers_and_passes(model, tok, _PROMPTS, 2, stop_loops=False)
+    drafted, drafted_passes, drafted_ids = _answers_and_passes(model, tok, _PROMPTS, 2, prompt_lookup=7, stop_loops=False)
+    assert drafted_ids == plain_ids and drafted_passes == plain_passes == 24  # two rows: transformers drafts for one only
     sampled = [_answers_and_passes(model, tok, _PROMPTS[:1], 1, prompt_lookup=n, do_sample=True, seed=1, stop_loops=False)
                for n in (0, 7)]
     assert sampled[1] == sampled[0]  # sampling is not drafted: the same sample in the same number of passes
