@@ -223,6 +223,8 @@ def chunk_corpus(cfg) -> dict:
     if os.environ.get("RANK", "0") == "0":  # under torchrun one rank moves the files
         cfg.paths.upgrade()  # a run of the earlier flat layout: into passages/ before anything is read or written
     sources = [resolve_source(spec, cfg.corpus_columns) for spec in cfg.corpus_sources]  # bad paths fail before any work
+    for source in sources:
+        source.descriptions = cfg.embedded_descriptions
     if not sources:
         raise CozyError("config: corpus_sources is empty")
     with dist.process_group("cpu"):  # gloo: chunking needs only object collectives and a barrier

@@ -63,6 +63,7 @@ class Config:
     chunk_max_tokens: int = 128  # passage length limit in retriever tokens
     chunk_overlap_sentences: int = 1  # sentences repeated at the start of the next passage
     min_passage_chars: int = 30  # shorter passages are dropped
+    embedded_descriptions: bool = True  # lead each embedded article (passages, built-in QA contexts) with its short description line
 
     # --- stage 3: index --------------------------------------------------------------------
     index_factory: str = "Flat"  # Flat, HNSW32, IVF{n},Flat, IVF{n},PQ{m}

@@ -47,6 +47,7 @@ class Source:
     skipped: int = 0  # malformed lines skipped
     skip_examples: list[str] = field(default_factory=list)  # "file:line: why", the first few
     columns: list[str] = field(default_factory=list)  # a table's field=column mapping (cfg.corpus_columns)
+    descriptions: bool = True  # `embedded`: lead each article with its short description (cfg.embedded_descriptions)
 
     def skip(self, where: str, why: str) -> None:
         self.skipped += 1
@@ -141,10 +142,28 @@ def embedded_articles(max_articles: int = 0) -> list[dict]:
     return [{**data[t], "title": data[t].get("title") or t} for t in titles]
 
 
+def embedded_text(article: dict, description: bool = True) -> str:
+    """An embedded article's text: its lead section, led by a line of its short description (`description`).
+
+    The description is part of the page (Wikipedia shows it under the title), and the built-in QA asks for it
+    and derives questions from it ("Which German mathematician lived from 1805 to 1859?"), so the passages
+    carry it: a line "Title: description." before the lead.
+    >>> embedded_text({"title": "Paris", "description": "Capital of France", "extract": "Paris is a city."})
+    'Paris: Capital of France.\nParis is a city.'
+    """
+    extract = article.get("extract")
+    extract = extract if isinstance(extract, str) else ""
+    desc = article.get("description")
+    desc = " ".join(desc.split()) if description and isinstance(desc, str) else ""
+    if not desc:
+        return extract
+    line = f"{article['title']}: {desc}{'' if desc[-1] in '.!?' else '.'}"
+    return f"{line}\n{extract}" if extract.strip() else line
+
+
 def _read_embedded(source: Source) -> Iterator[tuple[str, str]]:
     for article in embedded_articles():
-        text = article.get("extract")
-        yield _valid(str(article["title"])), _valid(text if isinstance(text, str) else "")
+        yield _valid(str(article["title"])), _valid(embedded_text(article, source.descriptions))
 
 
 def _folder_files(folder: Path) -> list[Path]:

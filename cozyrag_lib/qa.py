@@ -27,7 +27,7 @@ import numpy as np
 from tqdm import tqdm  # text bars: they also stream through papermill, where widget bars stay invisible
 
 from .atomic import atomic_dir
-from .corpus import EMBEDDED_CORPUS, embedded_articles
+from .corpus import EMBEDDED_CORPUS, embedded_articles, embedded_text
 from .errors import CozyError
 from .factoids import article_factoids
 from .jsonio import iter_jsonl, write_json, write_jsonl
@@ -82,25 +82,27 @@ def builtin_question(title: str, topic: str) -> str:
     return WHAT_FORMS[h % len(WHAT_FORMS)].format(title)
 
 
-def builtin_qa(max_articles: int = 0) -> tuple[list[dict], dict]:
+def builtin_qa(max_articles: int = 0, descriptions: bool = True) -> tuple[list[dict], dict]:
     """Questions about the embedded articles (same stats as load_qa_file; prepare_qa counts them per qtype).
 
     Per article (`corpus.embedded_articles`, the same first `max_articles` as the `embedded` corpus source): its
     description question ("What is X?" -> the one-line description, qtype "description"), then up to
-    factoids.MAX_PER_ARTICLE factoids whose answers are spans of the article's extract.
+    factoids.MAX_PER_ARTICLE factoids whose answers are spans of the article's lead. Every item's context
+    is the article's text as stage 2 reads it (`corpus.embedded_text`: led by its description line where
+    `descriptions`).
     """
     items, skips = [], Skips(BUILTIN)
     for art in embedded_articles(max_articles):
-        title, desc, extract = art["title"], art.get("description") or "", art.get("extract")
+        title, desc, context = art["title"], art.get("description") or "", embedded_text(art, descriptions)
         try:
             if not desc.strip():
                 raise Skip("empty description")
             question = builtin_question(title, art.get("topic") or "")
-            items.append({**make_item(BUILTIN, question, [desc], title=title, context=extract), "qtype": "description"})
+            items.append({**make_item(BUILTIN, question, [desc], title=title, context=context), "qtype": "description"})
         except Skip as s:
             skips.add(repr(title), s)
         for f in article_factoids(art):
-            items.append({**make_item(BUILTIN, f.question, f.answers, title=title, context=extract),
+            items.append({**make_item(BUILTIN, f.question, f.answers, title=title, context=context),
                           "qtype": f.qtype, "rule": f.rule})
     return items, source_stats(EMBEDDED_CORPUS, BUILTIN, items, 0, skips)
 
@@ -108,7 +110,7 @@ def builtin_qa(max_articles: int = 0) -> tuple[list[dict], dict]:
 def load_qa_source(spec: str, cfg) -> tuple[list[dict], dict]:
     """The items and stats of one entry of qa_sources or qa_extra: the built-in set, a table or a QA file."""
     if spec == BUILTIN:
-        return builtin_qa(cfg.max_articles)
+        return builtin_qa(cfg.max_articles, cfg.embedded_descriptions)
     if table_kind(spec):
         return load_qa_table(spec, cfg.qa_columns)
     return load_qa_file(spec, cfg.qa_format)

@@ -147,6 +147,26 @@ def test_embedded_takes_first_n_in_sorted_title_order(tmp_path):
     assert titles == sorted(embedded_corpus())[:7]
 
 
+@pytest.mark.parametrize("descriptions", [True, False])
+def test_embedded_passages_lead_with_the_description_line(tmp_path, descriptions):
+    """The first passage of an embedded article starts "Title: description." (off: with its lead), later ones never."""
+    cfg = make_cfg(tmp_path, ["embedded"], max_articles=40, chunk_max_tokens=128, embedded_descriptions=descriptions)
+    chunk_corpus(cfg)
+    data, firsts, seen = embedded_corpus(), 0, set()
+    for p in read_passages(cfg.paths.passages):
+        art = data[p["title"]]
+        line = f"{p['title']}: {art['description'].strip()}"
+        if p["title"] not in seen:  # the article's first passage
+            seen.add(p["title"])
+            led = descriptions and art["description"].strip()
+            assert p["text"].startswith(line) == bool(led), p
+            assert led or p["text"].startswith(art["extract"].split()[0]), p
+            firsts += bool(led)
+        else:
+            assert not p["text"].startswith(line), p
+    assert len(seen) == 40 and firsts >= (35 if descriptions else 0)
+
+
 def test_several_sources_in_order(tmp_path):
     jsonl = write_jsonl(tmp_path / "c.jsonl", [{"title": "Lighthouse", "text": LONG}])
     squad = write_squad(tmp_path / "s.json", {"Harbour": ["The harbour was dredged in 1920 to admit larger steamers."]})

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from conftest import FIXTURES, run_cli
 from cozyrag_lib import qa, qa_formats
 from cozyrag_lib.config import load_config
-from cozyrag_lib.corpus import embedded_corpus
+from cozyrag_lib.corpus import embedded_corpus, embedded_text
 from cozyrag_lib.errors import CozyError
 from cozyrag_lib.factoids import QTYPES
 from cozyrag_lib.paths import RunPaths
@@ -289,7 +289,8 @@ def test_builtin_set_size_and_forms(builtin_full):
     forms = Counter()
     for i in items:
         art = corpus[i["title"]]
-        assert i["answers"] == [art["description"].strip()] and i["context"] == art["extract"].strip()
+        assert i["answers"] == [art["description"].strip()] and i["context"] == embedded_text(art).strip()
+        assert i["context"].startswith(f"{i['title']}: {i['answers'][0]}")  # the description line leads the lead
         if art["topic"] == "People":
             assert i["question"] == f"Who was {i['title']}?"
             forms["who"] += 1
@@ -307,6 +308,28 @@ def test_builtin_set_is_deterministic_and_honours_max_articles(builtin_full):
     titles = sorted(embedded_corpus())[:200]
     assert {i["title"] for i in first} <= set(titles) and sum(i["qtype"] == "description" for i in first) >= 190
     assert first == [i for i in items if i["title"] in set(titles)]  # same items, same order
+
+
+def test_builtin_contexts_without_the_description_line_are_the_bare_leads(builtin_full):
+    """`embedded_descriptions=false` changes the contexts only: same questions, answers and ids."""
+    bare = qa.builtin_qa(max_articles=200, descriptions=False)[0]
+    led = qa.builtin_qa(max_articles=200)[0]
+    corpus = embedded_corpus()
+    assert [(i["id"], i["question"], i["answers"]) for i in bare] == [(i["id"], i["question"], i["answers"]) for i in led]
+    assert all(i["context"] == corpus[i["title"]]["extract"].strip() for i in bare)
+    assert all(j["context"].endswith(i["context"]) and j["context"] != i["context"] for i, j in zip(bare, led))
+
+
+@pytest.mark.parametrize("article, text", [
+    ({"title": "Paris", "description": "Capital of France", "extract": "Paris is a city."},
+     "Paris: Capital of France.\nParis is a city."),
+    ({"title": "Q", "description": "  Is it  real? ", "extract": "Q is a film."}, "Q: Is it real?\nQ is a film."),
+    ({"title": "X", "description": "", "extract": "X is a letter."}, "X is a letter."),
+    ({"title": "Y", "description": "Letter", "extract": ""}, "Y: Letter."),
+])
+def test_embedded_text(article, text):
+    assert embedded_text(article) == text
+    assert embedded_text(article, description=False) == article["extract"]
 
 
 # ----------------------------------------------------------------------------------------------------------

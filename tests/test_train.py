@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from conftest import ROOT, tiny_stages
-from cozyrag_lib import checkpoint, launch, report, train, train_data, train_eval, train_steps
+from cozyrag_lib import checkpoint, launch, qa, report, train, train_data, train_eval, train_steps
 from cozyrag_lib.paths import RunPaths
 from cozyrag_lib.config import load_config
 from cozyrag_lib.errors import CozyError
@@ -318,8 +318,16 @@ def test_max_train_descriptions_keeps_every_factoid(stages):
     assert [it for it in fewer if it["qtype"] != "description"] == [it for it in every if it["qtype"] != "description"]
 
 
-def test_description_targets_drop_years_their_context_lacks(stages):
-    cfg = load_config("tiny", out_root=stages.out_root, max_train_qa=0, drop_unsupported_years=False)
+def test_description_targets_drop_years_their_context_lacks(stages, tmp_path):
+    """With the description line in every built-in context its years are always there: nothing is cut. Without
+    it (`embedded_descriptions=false`) a person's years that the bare lead lacks are cut from the target."""
+    led = train_data.load_train_items(load_config("tiny", out_root=stages.out_root, max_train_qa=0))
+    assert any(re.search(r"\([^()]*\d{4}[^()]*\)$", it["answers"][0]) for it in led if it["qtype"] == "description")
+    assert led == train_data.load_train_items(load_config("tiny", out_root=stages.out_root, max_train_qa=0,
+                                                          drop_unsupported_years=False))
+    cfg = load_config("tiny", out_root=str(tmp_path), max_train_qa=0, drop_unsupported_years=False,
+                      embedded_descriptions=False)
+    qa.prepare_qa(cfg)
     raw = train_data.load_train_items(cfg)
     cfg.drop_unsupported_years = True
     cut = train_data.load_train_items(cfg)
