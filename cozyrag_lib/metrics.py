@@ -127,7 +127,7 @@ def title_recall_at_k(gold_title: str, titles: Sequence[str], k: int) -> float:
 
 
 def is_extractive(item: dict) -> bool:
-    """True when a gold answer occurs in the item's own context (SQuAD, the built-in factoids)."""
+    """True when a gold answer occurs in the item's own context (SQuAD, the built-in QA with its description line)."""
     return answer_in_text(item["answers"], item.get("context") or "")
 
 
@@ -136,8 +136,8 @@ def evidence_recall_at_k(item: dict, passages: Sequence[dict], k: int) -> float:
 
     Extractive items (a gold answer occurs in their own context, as in SQuAD) need a passage that holds a
     gold answer; a title hit would be too easy there, since an article has many passages. Other items
-    (the built-in QA, whose answers are article descriptions that rarely occur verbatim) need a passage
-    from their article when they name one, else a passage that holds a gold answer.
+    (built-in descriptions on the bare leads, `embedded_descriptions = false`, which rarely occur verbatim)
+    need a passage from their article when they name one, else a passage that holds a gold answer.
     """
     top = passages[:k]
     if item.get("title") and not is_extractive(item):

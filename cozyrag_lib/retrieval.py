@@ -398,7 +398,7 @@ def gold_passages(items: Sequence[dict], passages: Sequence[dict]) -> list[int]:
     """The passage row each QA item is known to come from, or -1.
 
     An item with a `title` maps to a passage of that article; with a `context` too (SQuAD paragraphs,
-    the built-in article extracts) it is the article's passage sharing most words with the context,
+    the built-in article texts) it is the article's passage sharing most words with the context,
     a passage holding a gold answer winning ties. A title-only item takes the article's first passage.
     Items without a title have no known gold passage.
 

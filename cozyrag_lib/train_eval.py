@@ -5,8 +5,8 @@ Evaluation (step 0, every `eval_every` steps, each phase end) on `max_val_qa` va
                          contexts the current retriever and index build (no penalties)
     val_recall@5         share of questions with their gold evidence in a top-5 passage: a passage that
                          holds a gold answer for extractive items (the answer occurs in the item's own
-                         context, as in SQuAD), a passage from the item's article for the others (the
-                         built-in QA's answers are article descriptions that rarely occur verbatim)
+                         context, as in SQuAD and the built-in QA), a passage from the item's article
+                         for the others (descriptions on the bare leads, which rarely occur verbatim)
     val_recall@1         the same with the top passage only
     val_answer_recall@5  share with a gold answer in a top-5 passage (SQuAD normalisation: lower-case,
                          no punctuation, no articles, single spaces), whatever the item's kind

@@ -76,7 +76,7 @@ def test_evidence_recall_picks_the_hit_kind_per_item():
     squad = {"answers": ["Eiffel Tower"], "title": "Paris", "context": "Paris has the Eiffel Tower."}
     assert evidence_recall_at_k(squad, passages, 1) == 0.0
     assert evidence_recall_at_k(squad, passages, 2) == 1.0
-    # descriptive (built-in): the answer never occurs verbatim, so the article is the evidence
+    # descriptive (a built-in description on its bare lead): the answer is not in the context, so the article is the evidence
     builtin = {"answers": ["Capital of France"], "title": "Paris", "context": "Paris is the capital."}
     assert evidence_recall_at_k(builtin, passages, 1) == 1.0
     assert evidence_recall_at_k({**builtin, "title": "Lyon"}, passages, 2) == 0.0
